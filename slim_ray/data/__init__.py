@@ -1,0 +1,1 @@
+"""Data: readers for raw logs, preparation into the items/sequences contracts, synthetic logs."""

@@ -1,0 +1,82 @@
+"""Where every stage reads and writes inside one run folder.
+
+All stages talk only through these paths, so a run folder is self-describing:
+
+    <run_dir>/prepared/items/            items contract (Parquet dataset)
+    <run_dir>/prepared/sequences/        sequences contract (Parquet dataset)
+    <run_dir>/rationales/teacher/        rationales contract, role=teacher
+    <run_dir>/rationales/student/        rationales contract, role=student
+    <run_dir>/distill/                   Ray Train storage, adapter/, merged/, eval
+    <run_dir>/embeddings/items/          embeddings contract, kind=item
+    <run_dir>/embeddings/teacher/        embeddings contract, kind=user (teacher rationales)
+    <run_dir>/embeddings/student/        embeddings contract, kind=user (student rationales)
+    <run_dir>/rec/<backbone>-<mode>-s<seed>/   recommender checkpoints + metrics
+    <run_dir>/eval/                      candidates, metrics.json
+    <run_dir>/report/                    report.md + plots
+
+Each stage output folder also holds ``config.yaml`` (the resolved config) and
+``manifest.json`` (lineage), written by ``slim_ray.lineage``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: str
+
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def prepared(self) -> str:
+        return self._p("prepared")
+
+    @property
+    def items(self) -> str:
+        return self._p("prepared", "items")
+
+    @property
+    def sequences(self) -> str:
+        return self._p("prepared", "sequences")
+
+    def rationales(self, role: str) -> str:
+        return self._p("rationales", role)
+
+    @property
+    def distill(self) -> str:
+        return self._p("distill")
+
+    @property
+    def student_adapter(self) -> str:
+        return self._p("distill", "adapter")
+
+    @property
+    def student_merged(self) -> str:
+        return self._p("distill", "merged")
+
+    @property
+    def item_embeddings(self) -> str:
+        return self._p("embeddings", "items")
+
+    def user_embeddings(self, role: str) -> str:
+        return self._p("embeddings", role)
+
+    @property
+    def rec(self) -> str:
+        return self._p("rec")
+
+    def rec_run(self, backbone: str, mode: str, seed: int, rationale_role: str | None = None) -> str:
+        tag = f"{backbone}-{mode}" + (f"-{rationale_role}" if rationale_role else "") + f"-s{seed}"
+        return self._p("rec", tag)
+
+    @property
+    def eval(self) -> str:
+        return self._p("eval")
+
+    @property
+    def report(self) -> str:
+        return self._p("report")

@@ -1,0 +1,223 @@
+"""Start or join Ray, with every listener on loopback when local.
+
+``init_ray(cfg)`` either starts a local Ray whose processes listen only on 127.0.0.1, or connects
+to a cluster (``auto``, ``ray://host:10001``, ``host:6379``). The runtime_env (env vars such as
+``DS_ACCELERATOR`` and ``HF_HUB_OFFLINE``) is set once here so every stage's workers see it.
+
+Why the environment variables (measured with Ray 2.60 on Linux):
+- ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps GCS/raylet/worker listeners on 127.0.0.1 for a
+  local cluster (``--node-ip-address`` alone is not honoured);
+- ``GLOO_SOCKET_IFNAME=lo`` makes gloo's pair sockets bind loopback;
+- Ray Train's default torch rendezvous opens a TCPStore on ``*:port``; ``train_backend_config()``
+  returns a TorchConfig whose rendezvous is a shared file instead (one machine only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pydantic import Field
+
+from slim_ray.configbase import StageConfig
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "MASTER_ADDR": "127.0.0.1",
+}
+
+# Seen by every worker process of every stage.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DS_ACCELERATOR": "cpu",  # replaced by "cuda" when GPUs are present, see _accelerator_env
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
+
+
+class RayConfig(StageConfig):
+    """How to reach Ray."""
+
+    address: Optional[str] = Field(
+        None,
+        description="None: start a local loopback-only Ray. Otherwise 'auto', 'ray://host:10001' "
+        "or 'host:6379' to join an existing cluster.",
+    )
+    num_cpus: Optional[int] = Field(None, description="CPUs of a local Ray (default: all).")
+    object_store_memory_mb: Optional[int] = Field(
+        None, description="Object store size of a local Ray in MiB (default: Ray's, ~30% of RAM)."
+    )
+    include_dashboard: bool = Field(True, description="Ray Train V2 needs the state API.")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Extra env vars for every worker (runtime_env)."
+    )
+    working_dir: Optional[str] = Field(
+        None, description="runtime_env working_dir when joining a remote cluster."
+    )
+
+
+def is_local(cfg: Optional[RayConfig] = None) -> bool:
+    return cfg is None or cfg.address in (None, "", "local")
+
+
+def _accelerator_env() -> dict[str, str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return {"DS_ACCELERATOR": "cuda"}
+    except Exception:  # torch missing is fine for pure-data stages
+        pass
+    return {}
+
+
+def worker_env(cfg: Optional[RayConfig] = None) -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    env.update(_accelerator_env())
+    if is_local(cfg):
+        env.update(LOOPBACK_ENV)
+    if cfg is not None:
+        env.update(cfg.env_vars)
+    return env
+
+
+def runtime_env(cfg: Optional[RayConfig] = None) -> dict[str, Any]:
+    renv: dict[str, Any] = {"env_vars": worker_env(cfg)}
+    if cfg is not None and cfg.working_dir and not is_local(cfg):
+        renv["working_dir"] = cfg.working_dir
+    return renv
+
+
+def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
+    """Start (local, loopback only) or join Ray. A no-op when Ray is already initialised."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    cfg = cfg or RayConfig()
+    env = worker_env(cfg)
+    # The driver's environment is inherited by the raylet and its workers of a local cluster;
+    # it must be in place before ray.init() starts them.
+    os.environ.update(env)
+    kwargs: dict[str, Any] = dict(
+        runtime_env=runtime_env(cfg),
+        include_dashboard=cfg.include_dashboard,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+    )
+    if is_local(cfg):
+        kwargs.update(dashboard_host="127.0.0.1")
+        if cfg.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.num_cpus
+        if cfg.object_store_memory_mb is not None:
+            kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+    else:
+        kwargs["address"] = cfg.address
+        kwargs.pop("include_dashboard")
+    kwargs.update(overrides)
+    ctx = ray.init(**kwargs)
+    _quiet_ray_data()
+    return ctx
+
+
+def _quiet_ray_data() -> None:
+    """Keep Ray Data's progress bars (they are the progress report) but not its per-op logs."""
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = True
+        ctx.print_on_execution_start = False
+    except Exception:
+        pass
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- Ray Train backend
+
+
+def train_backend_config(cfg: Optional[RayConfig] = None):
+    """TorchConfig for Ray Train: file-based rendezvous when local (no TCPStore on ``*``)."""
+    from ray.train.torch import TorchConfig
+
+    if not is_local(cfg):
+        return TorchConfig()
+    return _file_rendezvous_config_cls()()
+
+
+_FILE_CFG_CLS = None
+
+
+def _file_rendezvous_config_cls():
+    global _FILE_CFG_CLS
+    if _FILE_CFG_CLS is not None:
+        return _FILE_CFG_CLS
+
+    import ray
+    from ray.train.torch.config import (
+        TorchConfig,
+        _setup_torch_process_group,
+        _TorchBackend,
+    )
+
+    try:  # present in Ray 2.60; sets LOCAL_RANK/WORLD_SIZE etc. before init_process_group
+        from ray.train.torch.config import _set_torch_distributed_env_vars
+    except ImportError:  # pragma: no cover
+        _set_torch_distributed_env_vars = None
+
+    class _FileRendezvousBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            resources = worker_group.get_resources_per_worker()
+            backend = backend_config.backend or ("nccl" if resources.get("GPU", 0) > 0 else "gloo")
+            path = os.path.join(tempfile.gettempdir(), f"slim_ray_rdzv_{uuid.uuid4().hex}")
+            url = f"file://{path}"
+
+            def _env():
+                os.environ.update(LOOPBACK_ENV)
+                os.environ["MASTER_PORT"] = "0"
+
+            worker_group.execute(_env)
+            if _set_torch_distributed_env_vars is not None:
+                try:
+                    worker_group.execute(_set_torch_distributed_env_vars)
+                except Exception:  # V1 worker groups have no such context
+                    pass
+            futures = [
+                worker_group.execute_single_async(
+                    i,
+                    _setup_torch_process_group,
+                    backend=backend,
+                    world_rank=i,
+                    world_size=len(worker_group),
+                    init_method=url,
+                    timeout_s=backend_config.timeout_s,
+                )
+                for i in range(len(worker_group))
+            ]
+            ray.get(futures)
+
+    @dataclass
+    class FileRendezvousTorchConfig(TorchConfig):
+        """TorchConfig whose process group meets through a file, not a TCPStore on ``*``."""
+
+        @property
+        def backend_cls(self):
+            return _FileRendezvousBackend
+
+    _FILE_CFG_CLS = FileRendezvousTorchConfig
+    return _FILE_CFG_CLS

@@ -1,0 +1,151 @@
+"""The stage table: what each stage reads, which config sections shape it, where it writes.
+
+``run_stage(name, cfg)`` is the one way a stage is executed (by the CLI and by ``slim-ray run``):
+it computes the stage's fingerprint from its config sections and input fingerprints, skips the
+stage when its output is fresh (unless forced), calls the stage's plain function, and writes
+``config.yaml`` + ``manifest.json`` next to the output only once the stage has finished -- an
+interrupted stage never looks complete.
+
+A stage function has the signature ``run_<stage>(cfg: PipelineConfig) -> dict`` (a JSON-able
+summary: counts, timings, model ids) and imports its heavy dependencies itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from slim_ray.config import PipelineConfig, dump_config
+from slim_ray.lineage import is_fresh, read_manifest, stage_fingerprint, write_manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str  # "module:function"
+    sections: tuple[str, ...]
+    inputs: Callable[[PipelineConfig], dict[str, str]]
+    output: Callable[[PipelineConfig], str]
+    doc: str
+
+    def function(self) -> Callable[[PipelineConfig], dict[str, Any]]:
+        module, fn = self.target.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+def _data_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    from slim_ray.data.stage import raw_inputs  # the data stage knows its raw files
+
+    return raw_inputs(cfg)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "prepare", "slim_ray.data.stage:run_prepare", ("data",), _data_inputs,
+            lambda c: c.layout.prepared,
+            "raw logs -> items + sequences (k-core, dense ids, leave-one-out)",
+        ),
+        Stage(
+            "teach", "slim_ray.generate.stage:run_teach", ("teacher", "seed"),
+            lambda c: {"prepared": c.layout.prepared},
+            lambda c: c.layout.rationales("teacher"),
+            "teacher LLM writes step-by-step rationales for a seeded sample of users",
+        ),
+        Stage(
+            "distill", "slim_ray.distill.stage:run_distill", ("distill", "seed"),
+            lambda c: {"teacher_rationales": c.layout.rationales("teacher"), "prepared": c.layout.prepared},
+            lambda c: c.layout.distill,
+            "LoRA + DeepSpeed ZeRO fine-tune of the student on teacher rationales (Ray Train)",
+        ),
+        Stage(
+            "reason", "slim_ray.generate.stage:run_reason", ("student", "seed"),
+            lambda c: {"prepared": c.layout.prepared, "student": c.layout.distill},
+            lambda c: c.layout.rationales("student"),
+            "the distilled student writes a rationale for every user",
+        ),
+        Stage(
+            "encode", "slim_ray.encode.stage:run_encode", ("encode",),
+            lambda c: {
+                "prepared": c.layout.prepared,
+                "teacher_rationales": c.layout.rationales("teacher"),
+                "student_rationales": c.layout.rationales("student"),
+            },
+            lambda c: c.layout._p("embeddings"),
+            "sentence-transformer embeddings of item texts and user rationales",
+        ),
+        Stage(
+            "train", "slim_ray.rec.stage:run_train", ("rec", "seed"),
+            lambda c: {"prepared": c.layout.prepared, "embeddings": c.layout._p("embeddings")},
+            lambda c: c.layout.rec,
+            "SASRec / GRU4Rec / SRGNN x modes x seeds on Ray Train",
+        ),
+        Stage(
+            "evaluate", "slim_ray.rec.stage:run_evaluate", ("evaluate",),
+            lambda c: {"prepared": c.layout.prepared, "rec": c.layout.rec},
+            lambda c: c.layout.eval,
+            "sampled-100 and full-ranking metrics, mean +- std over seeds, significance",
+        ),
+        Stage(
+            "report", "slim_ray.report:run_report", ("report",),
+            lambda c: {"eval": c.layout.eval},
+            lambda c: c.layout.report,
+            "report.md + plots",
+        ),
+    ]
+}
+
+PIPELINE_ORDER = ["prepare", "teach", "distill", "reason", "encode", "train", "evaluate", "report"]
+
+
+def _sections(cfg: PipelineConfig, names: tuple[str, ...]) -> dict[str, Any]:
+    dumped = cfg.model_dump(mode="json")
+    return {n: dumped[n] for n in names}
+
+
+def fingerprint(name: str, cfg: PipelineConfig) -> str:
+    st = STAGES[name]
+    return stage_fingerprint(name, _sections(cfg, st.sections), st.inputs(cfg))
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
+def run_stage(name: str, cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Run one stage unless its output is fresh. Returns {'stage', 'skipped', 'seconds', 'summary'}."""
+    st = STAGES[name]
+    out_dir = st.output(cfg)
+    fp = fingerprint(name, cfg)
+    if not force and is_fresh(out_dir, fp):
+        m = read_manifest(out_dir) or {}
+        logger.warning("[%s] up to date (%s), skipped", name, out_dir)
+        return {"stage": name, "skipped": True, "seconds": 0.0, "summary": m.get("summary", {})}
+    logger.warning("[%s] %s -> %s", name, st.doc, out_dir)
+    t0 = time.time()
+    try:
+        summary = st.function()(cfg) or {}
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # keep earlier outputs; name the stage
+        raise StageFailed(name, e) from e
+    seconds = time.time() - t0
+    summary = {**summary, "seconds": round(seconds, 2)}
+    write_manifest(
+        out_dir,
+        stage=name,
+        fingerprint=fp,
+        inputs=st.inputs(cfg),
+        config_yaml=dump_config(cfg),
+        summary=summary,
+    )
+    return {"stage": name, "skipped": False, "seconds": seconds, "summary": summary}

@@ -1,0 +1,78 @@
+"""The local runtime keeps every listener it starts on loopback (Ray Data and Ray Train jobs)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+
+import psutil
+import pytest
+
+
+def _descendants_and_ray_processes(root_pid: int) -> list[psutil.Process]:
+    procs = {p.pid: p for p in psutil.Process(root_pid).children(recursive=True)}
+    procs[root_pid] = psutil.Process(root_pid)
+    return list(procs.values())
+
+
+def _non_loopback_listeners(procs) -> list[str]:
+    bad = []
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        for c in conns:
+            if c.status != psutil.CONN_LISTEN or not c.laddr:
+                continue
+            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            if getattr(ip, "ipv4_mapped", None) is not None:  # ::ffff:127.0.0.1
+                ip = ip.ipv4_mapped
+            if not ip.is_loopback:
+                try:
+                    name = " ".join(proc.cmdline()[:3])
+                except psutil.Error:
+                    name = str(proc.pid)
+                bad.append(f"{name} listens on {c.laddr.ip}:{c.laddr.port}")
+    return bad
+
+
+def _train_loop(config):
+    import torch
+    import torch.distributed as dist
+    import ray.train
+
+    t = torch.tensor([float(ray.train.get_context().get_world_rank() + 1)])
+    dist.all_reduce(t)
+    rank = ray.train.get_context().get_world_rank()
+    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump({"sum": float(t.item()), "world": dist.get_world_size()}, f)
+    ray.train.report({"sum": float(t.item())})
+
+
+def test_local_runtime_listens_only_on_loopback(ray_session, tmp_path):
+    import ray
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from slim_ray.runtime import train_backend_config
+
+    ds = ray.data.range(1000).map_batches(lambda b: {"id": b["id"] * 2})
+    assert ds.sum("id") == 2 * sum(range(1000))
+
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"out": str(tmp_path)},
+        torch_config=train_backend_config(),
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name=f"loopback-{os.getpid()}", storage_path=str(tmp_path)),
+    )
+    trainer.fit()
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"sum": 3.0, "world": 2}  # 1 + 2 all-reduced over two gloo ranks
+
+    bad = _non_loopback_listeners(_descendants_and_ray_processes(os.getpid()))
+    assert not bad, "non-loopback listeners: " + "; ".join(bad)
