@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import threading
 
 import psutil
 import pytest
@@ -46,8 +47,11 @@ def _train_loop(config):
     t = torch.tensor([float(ray.train.get_context().get_world_rank() + 1)])
     dist.all_reduce(t)
     rank = ray.train.get_context().get_world_rank()
+    # While the process group is alive (TCPStore, gloo pairs): what does this worker listen on?
+    bad = _non_loopback_listeners([psutil.Process()])
+    dist.barrier()
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"sum": float(t.item()), "world": dist.get_world_size()}, f)
+        json.dump({"sum": float(t.item()), "world": dist.get_world_size(), "bad": bad}, f)
     ray.train.report({"sum": float(t.item())})
 
 
@@ -58,6 +62,21 @@ def test_local_runtime_listens_only_on_loopback(ray_session, tmp_path):
     from ray.train.torch import TorchTrainer
 
     from slim_ray.runtime import train_backend_config
+
+    # Poll every process the test started while the jobs run (listeners can be short-lived).
+    seen_bad: set[str] = set()
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                seen_bad.update(_non_loopback_listeners(_descendants_and_ray_processes(os.getpid())))
+            except psutil.Error:
+                pass
+            stop.wait(0.3)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
 
     ds = ray.data.range(1000).map_batches(lambda b: {"id": b["id"] * 2})
     assert ds.sum("id") == 2 * sum(range(1000))
@@ -72,7 +91,10 @@ def test_local_runtime_listens_only_on_loopback(ray_session, tmp_path):
     trainer.fit()
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got == {"sum": 3.0, "world": 2}  # 1 + 2 all-reduced over two gloo ranks
+        assert got["sum"] == 3.0 and got["world"] == 2  # 1 + 2 all-reduced over two gloo ranks
+        assert got["bad"] == [], f"rank {rank}: " + "; ".join(got["bad"])
 
-    bad = _non_loopback_listeners(_descendants_and_ray_processes(os.getpid()))
-    assert not bad, "non-loopback listeners: " + "; ".join(bad)
+    stop.set()
+    poller.join()
+    seen_bad.update(_non_loopback_listeners(_descendants_and_ray_processes(os.getpid())))
+    assert not seen_bad, "non-loopback listeners: " + "; ".join(sorted(seen_bad))
