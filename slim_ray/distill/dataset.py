@@ -1,0 +1,279 @@
+"""Distillation data: (student prompt p' -> teacher rationale) pairs, tokenized for the student.
+
+Built once on the driver from the contracts (teacher rationales + sequences + items), then shipped
+to the Ray Train workers as plain lists of token ids, so workers never need the input files.
+
+Per usable teacher rationale (``error`` is null, non-empty text):
+- p' is the student prompt built from the user's training-prefix items (``prefix_len`` of the
+  rationale row -- the same leakage guard as the teacher's);
+- the text is the student's chat template: ``user: p'`` + generation prompt, then the rationale and
+  the end-of-turn token. Loss is on the rationale tokens only (prompt positions are masked);
+- samples longer than ``max_length`` are cut (rationale tail first) and counted.
+Users are split into train / held-out with a seeded permutation (held-out users never train).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100
+MIN_TARGET_TOKENS = 8
+FALLBACK_PROMPT_VERSION = "distill-fallback-v1"
+MAX_HISTORY = 20
+
+
+@dataclass
+class Example:
+    """One tokenized pair. ``input_ids[:n_prompt]`` is the prompt, the rest the rationale."""
+
+    user_id: int
+    input_ids: list[int]
+    n_prompt: int
+    prompt: str = ""
+    teacher_text: str = ""
+
+    @property
+    def n_target(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+@dataclass
+class DistillData:
+    train: list[Example]
+    eval: list[Example]
+    stats: dict[str, Any] = field(default_factory=dict)
+    data_hash: str = ""
+    prompt_version: str = ""
+
+
+# --------------------------------------------------------------------------- student prompt p'
+
+
+def _fallback_student_prompt(history: Sequence[dict]) -> str:
+    """p' from the user's history items: short, no step-by-step scaffold (the student learns it)."""
+    lines = []
+    for it in history[-MAX_HISTORY:]:
+        title = it.get("title") or f"item {it.get('item_id')}"
+        year = f" ({it['year']})" if it.get("year") else ""
+        cats = ", ".join(it.get("categories") or [])
+        lines.append(f"- {title}{year}" + (f" [{cats}]" if cats else ""))
+    return (
+        "A user watched these items, oldest first:\n" + "\n".join(lines) + "\n"
+        "Reason step by step: 1) the user's preferences, 2) categories to recommend, "
+        "3) specific items to recommend."
+    )
+
+
+def student_prompt_builder() -> tuple[Callable[[Sequence[dict]], str], str]:
+    """The shared p' builder of ``slim_ray.prompts`` when present, else the local fallback.
+
+    Returns (build(history_items) -> prompt text, prompt version)."""
+    try:
+        from slim_ray import prompts  # noqa: WPS433 - optional, written by the prompts module
+
+        build = getattr(prompts, "build_student_prompt")
+        version = getattr(prompts, "STUDENT_PROMPT_VERSION", None) or getattr(
+            prompts, "PROMPT_VERSION", "student"
+        )
+        return build, str(version)
+    except (ImportError, AttributeError):
+        return _fallback_student_prompt, FALLBACK_PROMPT_VERSION
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+
+
+def names_seen_item(step3: Optional[str], history: Sequence[dict], min_chars: int = 4) -> bool:
+    """True when step 3 mentions the title of an item the user already has in the history."""
+    if not step3:
+        return False
+    text = f" {_norm(step3)} "
+    for it in history:
+        t = _norm(it.get("title") or "")
+        if len(t) >= min_chars and f" {t} " in text:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _chat_prompt_text(tokenizer, prompt: str) -> str:
+    msgs = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_turn(tokenizer) -> str:
+    """The string that closes an assistant turn in the student's chat template."""
+    return tokenizer.eos_token or ""
+
+
+def tokenize_pair(tokenizer, prompt: str, target: str, max_length: int) -> tuple[list[int], int, bool]:
+    """Token ids of chat(prompt)+target+EOT, the prompt length, and whether it was cut."""
+    p_ids = tokenizer(_chat_prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    t_ids = tokenizer(target + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    ids = p_ids + t_ids
+    truncated = len(ids) > max_length
+    return ids[:max_length], len(p_ids), truncated
+
+
+def split_users(user_ids: Sequence[int], fraction: float, min_users: int, seed: int) -> set[int]:
+    """Seeded held-out users (a set), never all of them."""
+    users = sorted(set(int(u) for u in user_ids))
+    if len(users) < 2 or (fraction <= 0 and min_users <= 0):
+        return set()
+    n = max(min_users, int(round(fraction * len(users))))
+    n = min(n, len(users) - 1)
+    perm = np.random.default_rng(seed).permutation(len(users))
+    return {users[i] for i in perm[:n]}
+
+
+def build_dataset(
+    rationales,
+    sequences,
+    items,
+    tokenizer,
+    *,
+    max_length: int,
+    eval_fraction: float,
+    min_eval_users: int,
+    seed: int,
+    max_samples: Optional[int] = None,
+    drop_missing_steps: bool = False,
+    drop_seen_items: bool = False,
+    source: str = "rationales",
+) -> DistillData:
+    """Pairs from pyarrow tables of the three contracts. Errors name ``source`` and the row."""
+    build_prompt, prompt_version = student_prompt_builder()
+    item_rows = {
+        int(r["item_id"]): r for r in items.select(
+            [c for c in ("item_id", "title", "categories", "year", "brand", "text") if c in items.column_names]
+        ).to_pylist()
+    }
+    seqs = {int(r["user_id"]): r["item_ids"] for r in sequences.select(["user_id", "item_ids"]).to_pylist()}
+
+    stats = {"rows": rationales.num_rows, "skipped_error": 0, "skipped_empty": 0,
+             "skipped_missing_steps": 0, "skipped_seen_items": 0, "skipped_too_long": 0,
+             "duplicate_users": 0, "truncated": 0}
+    rows = rationales.select(
+        ["rationale_key", "user_id", "prefix_len", "text", "step1", "step2", "step3", "error"]
+    ).to_pylist()
+    usable = []
+    seen_users: set[int] = set()
+    for i, r in enumerate(rows):
+        if r["error"] is not None:
+            stats["skipped_error"] += 1
+            continue
+        if not (r["text"] or "").strip():
+            stats["skipped_empty"] += 1
+            continue
+        uid = int(r["user_id"])
+        if uid in seen_users:  # one rationale per user: the first in file order
+            stats["duplicate_users"] += 1
+            continue
+        if uid not in seqs:
+            raise ValueError(f"{source}: row {i} (user_id={uid}): user not in sequences")
+        item_ids = seqs[uid]
+        plen = r["prefix_len"]
+        if plen is None or plen < 1 or plen > len(item_ids) - 2:
+            raise ValueError(
+                f"{source}: row {i} (user_id={uid}): prefix_len={plen} breaks the leakage guard "
+                f"(1 <= prefix_len <= len(item_ids) - 2 = {len(item_ids) - 2})"
+            )
+        history = []
+        for iid in item_ids[:plen]:
+            if int(iid) not in item_rows:
+                raise ValueError(f"{source}: row {i} (user_id={uid}): item_id {iid} not in items")
+            history.append(item_rows[int(iid)])
+        if drop_missing_steps and not all((r[k] or "").strip() for k in ("step1", "step2", "step3")):
+            stats["skipped_missing_steps"] += 1
+            continue
+        if drop_seen_items and names_seen_item(r["step3"], history):
+            stats["skipped_seen_items"] += 1
+            continue
+        seen_users.add(uid)
+        usable.append((r, history))
+
+    if max_samples is not None and len(usable) > max_samples:
+        keep = sorted(np.random.default_rng(seed + 1).permutation(len(usable))[:max_samples])
+        usable = [usable[k] for k in keep]
+
+    held_out = split_users([r["user_id"] for r, _ in usable], eval_fraction, min_eval_users, seed)
+    train, evals = [], []
+    h = hashlib.sha256()
+    for r, history in usable:
+        prompt = build_prompt(history)
+        ids, n_prompt, cut = tokenize_pair(tokenizer, prompt, r["text"], max_length)
+        if len(ids) - n_prompt < MIN_TARGET_TOKENS:
+            stats["skipped_too_long"] += 1
+            continue
+        stats["truncated"] += int(cut)
+        h.update(json.dumps([r["rationale_key"], prompt, r["text"], int(r["user_id"] in held_out)]).encode())
+        ex = Example(int(r["user_id"]), ids, n_prompt, prompt, r["text"])
+        (evals if ex.user_id in held_out else train).append(ex)
+    h.update(json.dumps([max_length, prompt_version, getattr(tokenizer, "name_or_path", "")]).encode())
+
+    stats.update(
+        train=len(train), eval=len(evals),
+        train_tokens=sum(len(e.input_ids) for e in train),
+        train_target_tokens=sum(e.n_target for e in train),
+        eval_target_tokens=sum(e.n_target for e in evals),
+    )
+    if not train:
+        raise ValueError(f"{source}: no usable teacher rationales for training (stats: {stats})")
+    return DistillData(train, evals, stats, h.hexdigest(), prompt_version)
+
+
+def load_dataset(cfg, tokenizer) -> DistillData:
+    """``build_dataset`` over the run folder of a PipelineConfig."""
+    from slim_ray.data.io import read_items, read_rationales, read_sequences
+
+    lay, d = cfg.layout, cfg.distill
+    path = lay.rationales("teacher")
+    return build_dataset(
+        read_rationales(path), read_sequences(lay.sequences), read_items(lay.items), tokenizer,
+        max_length=d.max_length, eval_fraction=d.eval_fraction, min_eval_users=d.min_eval_users,
+        seed=cfg.seed, max_samples=d.max_samples, drop_missing_steps=d.drop_missing_steps,
+        drop_seen_items=d.drop_seen_items, source=path,
+    )
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate(examples: Sequence[Example], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels (prompt and padding masked)."""
+    import torch
+
+    n = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        L = len(e.input_ids)
+        ids[i, :L] = torch.tensor(e.input_ids)
+        mask[i, :L] = 1
+        labels[i, e.n_prompt:L] = ids[i, e.n_prompt:L]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def step_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Sample indices of optimizer step ``step`` (0-based): a pure function of the step, so a
+    restored run continues at exactly the data position it checkpointed. Each epoch is a seeded
+    permutation; a step that runs past the end wraps into the next epoch's permutation."""
+    out = []
+    start = step * global_batch
+    for pos in range(start, start + global_batch):
+        epoch, k = divmod(pos, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[k]))
+    return out

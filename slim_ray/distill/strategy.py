@@ -1,0 +1,327 @@
+"""The training strategy: owns the distributed backend so model code never touches it.
+
+Two backends behind one small interface (``setup``, ``loss``, ``backward``, ``step``,
+``save``/``load``, ``all_reduce_sum``):
+
+- ``deepspeed``: ``deepspeed.initialize`` with ZeRO stage 0-3 (+ optional CPU offload), reusing
+  the process group Ray Train already made (``dist_init_required=False``). The optimizer is a plain
+  ``torch.optim.AdamW`` passed in (``zero_allow_untested_optimizer``): a DeepSpeed-config
+  optimizer would JIT-compile a C++ op for minutes on CPU. fp16/bf16 are off in the DeepSpeed
+  config: mixed precision is bf16 autocast around the forward pass, with fp32 master weights,
+  which works the same on CPU and GPU.
+- ``ddp``: torch ``DistributedDataParallel`` (the baseline DeepSpeed is measured against).
+
+Checkpoints are folders: every rank writes its own files into its own local folder (DeepSpeed's
+per-rank ZeRO shards, one RNG file per rank); Ray Train merges them in storage.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from typing import Any, Optional
+
+import numpy as np
+
+DS_TAG = "ckpt"
+
+
+def bf16_supported(use_gpu: bool) -> bool:
+    """bf16 autocast pays off: a GPU with bf16, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def deepspeed_config(
+    *, zero_stage: int, batch_size: int, grad_accum: int, world_size: int, grad_clip: float,
+    offload_optimizer: bool = False, offload_params: bool = False,
+) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if zero_stage == 3:
+        # Gather a parameter on use rather than keep a prefetch window: the model is small.
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": batch_size * grad_accum * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Strategy:
+    """One training process's view of the distributed backend."""
+
+    def __init__(
+        self, kind: str = "deepspeed", *, zero_stage: int = 2, offload_optimizer: bool = False,
+        offload_params: bool = False, bf16: bool = False, batch_size: int = 1, grad_accum: int = 1,
+        grad_clip: float = 1.0, use_gpu: bool = False,
+    ):
+        import torch
+        import torch.distributed as dist
+
+        self.kind = kind
+        self.zero_stage = zero_stage
+        self.offload_optimizer = offload_optimizer
+        self.offload_params = offload_params
+        self.bf16 = bf16
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        if use_gpu and torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.model = None  # the wrapped model (DeepSpeed engine or DDP)
+        self.optimizer = None
+        self.scheduler = None
+        self._micro = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, model, optimizer, scheduler):
+        """Wrap model/optimizer/scheduler for the backend. Returns the wrapped model."""
+        if self.kind == "deepspeed":
+            import deepspeed
+
+            cfg = deepspeed_config(
+                zero_stage=self.zero_stage, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                world_size=self.world_size, grad_clip=self.grad_clip,
+                offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
+            )
+            engine, opt, _, sched = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
+                dist_init_required=False,
+            )
+            self.model, self.optimizer, self.scheduler = engine, opt, sched
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model.to(self.device)
+            if self.distributed:
+                model = DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                )
+            self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return self.model
+
+    @property
+    def module(self):
+        """The unwrapped model (e.g. a PeftModel)."""
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    # ------------------------------------------------------------------ compute
+
+    def autocast(self):
+        import torch
+
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def loss(self, batch) -> "Any":
+        """Mean next-token loss over the unmasked label positions of ``batch``."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.autocast():
+            out = self.model(**batch)
+        return out.loss
+
+    def backward(self, loss) -> None:
+        if self.kind == "deepspeed":
+            self.model.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
+            return
+        ctx = nullcontext()
+        boundary = (self._micro + 1) % self.grad_accum == 0
+        if self.distributed and not boundary:
+            ctx = self.model.no_sync()
+        with ctx:
+            (loss / self.grad_accum).backward()
+
+    def step(self) -> bool:
+        """After each micro-batch. Returns True when an optimizer step happened."""
+        import torch
+
+        self._micro += 1
+        if self.kind == "deepspeed":
+            boundary = self.model.is_gradient_accumulation_boundary()
+            self.model.step()
+            return boundary
+        if self._micro % self.grad_accum:
+            return False
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.grad_clip
+            )
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.distributed:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, directory: str, client_state: dict[str, Any], trainable_only: bool) -> None:
+        """Collective: every rank writes its part of the checkpoint into ``directory``."""
+        import torch
+
+        os.makedirs(directory, exist_ok=True)
+        torch.save(_rng_state(), os.path.join(directory, f"rng_rank{self.rank}.pt"))
+        if self.kind == "deepspeed":
+            self.model.save_checkpoint(
+                directory, tag=DS_TAG, client_state=client_state,
+                exclude_frozen_parameters=trainable_only,
+            )
+            return
+        if self.rank == 0:
+            module = self.module
+            state = module.state_dict()
+            if trainable_only:
+                names = {n for n, p in module.named_parameters() if p.requires_grad}
+                state = {k: v for k, v in state.items() if k in names}
+            torch.save(
+                {"model": state, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "client_state": client_state, "micro": self._micro},
+                os.path.join(directory, "ddp_state.pt"),
+            )
+        self.barrier()
+
+    def load(self, directory: str) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
+        import torch
+
+        if self.kind == "deepspeed":
+            _, client_state = self.model.load_checkpoint(
+                directory, tag=DS_TAG, load_module_strict=False,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
+            )
+            if client_state is None:
+                raise RuntimeError(f"{directory}: not a DeepSpeed checkpoint (tag {DS_TAG!r})")
+        else:
+            state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device,
+                               weights_only=False)
+            missing = set(state["model"]) - set(self.module.state_dict())
+            if missing:
+                raise RuntimeError(f"{directory}: checkpoint has unknown weights {sorted(missing)[:3]}")
+            self.module.load_state_dict(state["model"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self._micro = state["micro"]
+            client_state = state["client_state"]
+        rng = os.path.join(directory, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return dict(client_state)
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def consolidate_deepspeed(directory: str, tag: str = DS_TAG) -> dict[str, Any]:
+    """fp32 state dict of the trained weights from a (merged) ZeRO checkpoint folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag))
+
+
+def consolidate(directory: str) -> dict[str, Any]:
+    """fp32 trained weights from a checkpoint folder of either backend."""
+    import torch
+
+    ddp = os.path.join(directory, "ddp_state.pt")
+    if os.path.exists(ddp):
+        state = torch.load(ddp, map_location="cpu", weights_only=False)["model"]
+        return {k: v.float() for k, v in state.items()}
+    return consolidate_deepspeed(directory)
+
+
+def client_state_of(directory: str) -> Optional[dict[str, Any]]:
+    """The client state (step, metrics) stored in a checkpoint folder, without a model."""
+    import glob
+
+    import torch
+
+    ddp = os.path.join(directory, "ddp_state.pt")
+    if os.path.exists(ddp):
+        return torch.load(ddp, map_location="cpu", weights_only=False)["client_state"]
+    files = sorted(glob.glob(os.path.join(directory, DS_TAG, "mp_rank_00_model_states.pt")))
+    if not files:
+        files = sorted(glob.glob(os.path.join(directory, DS_TAG, "*model_states.pt")))
+    if not files:
+        return None
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    skip = {"module", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes",
+            "frozen_param_fragments", "buffer_names", "shared_params", "ds_config", "ds_version",
+            "sparse_tensor_module_names", "skipped_steps", "global_steps", "global_samples",
+            "dp_world_size", "mp_world_size", "data_sampler", "random_ltd", "csr_tensor_module_names"}
+    return {k: v for k, v in state.items() if k not in skip}

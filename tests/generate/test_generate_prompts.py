@@ -1,0 +1,98 @@
+"""Prompts: templates and versions, leakage guard, budget, parser. No Ray, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from gen_data import MOVIES, items_table
+from slim_ray.prompts import (
+    PromptBuilder,
+    build_student_prompt,
+    format_messages,
+    load_template,
+    parse_answer,
+    parse_messages,
+    parse_template,
+    rationale_key,
+    student_messages,
+    teacher_messages,
+    training_prefix,
+)
+
+
+def test_templates_are_versioned_files():
+    t, s = load_template("teacher_cot"), load_template("student")
+    assert t.version == "teacher-cot-v1" and s.version == "student-v1"
+    with pytest.raises(ValueError, match="version"):
+        parse_template("[user]\n{history}")
+    with pytest.raises(ValueError, match="history"):
+        parse_template("version: x\n[user]\nno placeholder")
+    with pytest.raises(FileNotFoundError, match="teacher_cot"):
+        load_template("nope")
+
+
+def test_leakage_guard_uses_training_prefix_only():
+    pb = PromptBuilder(items_table(), role="teacher", item_noun="movies", category_label="genres")
+    seq = [1, 2, 3, 4, 5, 6]  # valid target 5 (Heat), test target 6 (Fargo)... ids are 1-based
+    built = pb.build(seq)
+    assert built.prefix_len == 4 == len(training_prefix(seq))
+    assert built.prefix_len <= len(seq) - 2
+    user = built.messages[-1]["content"]
+    for i in (1, 2, 3, 4):
+        assert MOVIES[i - 1][0] in user
+    for i in (5, 6):  # validation and test items never reach the prompt
+        assert MOVIES[i - 1][0] not in user
+    assert built.history_titles == [MOVIES[i - 1][0] for i in (1, 2, 3, 4)]
+    assert training_prefix([7, 8]) == [] and training_prefix([]) == []
+
+
+def test_most_recent_first_and_token_budget():
+    hist = [{"title": f"Movie {i:02d}", "year": 2000 + i, "categories": ["Drama"]} for i in range(30)]
+    msgs = student_messages(hist, item_noun="movies", category_label="genres", max_items=50, token_budget=None)
+    user = msgs[-1]["content"]
+    assert user.index("1. Movie 29 (2029)") < user.index("2. Movie 28") < user.index("30. Movie 00")
+    # ~4 chars/token without a tokenizer: each line is ~33 chars -> ~8 tokens; budget 40 -> 4-5 lines
+    few = student_messages(hist, token_budget=40, count_tokens=lambda ls: [10] * len(ls))[-1]["content"]
+    assert "4. Movie 26" in few and "5. Movie 25" not in few
+    # never empty even when one line exceeds the budget
+    one = student_messages(hist, token_budget=16, count_tokens=lambda ls: [100] * len(ls))[-1]["content"]
+    assert "1. Movie 29" in one and "2. Movie 28" not in one
+    assert "Movie 19" not in student_messages(hist, max_items=10, token_budget=None)[-1]["content"]
+
+
+def test_item_rendering_and_messages_roundtrip():
+    hist = [{"title": "Godfather, The (1972)", "categories": ["Crime", "Drama"], "brand": "Paramount", "year": 1972}]
+    text = build_student_prompt(hist, item_noun="movies", category_label="genres")
+    assert "1. Godfather, The (1972) | genres: Crime, Drama | brand: Paramount" in text
+    assert "(1972) (1972)" not in text
+    for msgs in (teacher_messages(hist), student_messages(hist)):
+        assert [m["role"] for m in msgs] == ["system", "user"]
+        assert parse_messages(format_messages(msgs)) == msgs
+    assert "Step 3" in teacher_messages(hist)[-1]["content"]
+
+
+def test_rationale_key_covers_model_version_sampling_prompt():
+    base = dict(model_id="m", prompt_version="v1", sampling={"t": 0.7}, prompt="p")
+    k = rationale_key(**base)
+    assert len(k) == 64 and k == rationale_key(**base)
+    for change in ({"model_id": "m2"}, {"prompt_version": "v2"}, {"sampling": {"t": 0.8}}, {"prompt": "q"}):
+        assert rationale_key(**{**base, **change}) != k
+
+
+def test_parser_splits_steps_and_flags():
+    hist = ["Godfather, The (1972)", "Toy Story (1995)", "Heat (1995)", "Up"]
+    ans = ("**Step 1:** The user likes crime dramas.\n\n### Step 2 - Crime, Thriller; brands: Paramount\n"
+           "Step 3) 1. The Godfather 2. Toy Story 2 3. Scarface")
+    p = parse_answer(ans, hist)
+    assert p.steps_found == 3 and p.complete
+    assert p.step1 == "The user likes crime dramas."
+    assert p.step2.startswith("Crime, Thriller")
+    assert p.step3.startswith("1. The Godfather")
+    # "The Godfather" re-recommends "Godfather, The"; "Toy Story 2" is a sequel, not a repeat;
+    # "Heat" does not occur; "Up" is too short to match reliably
+    assert p.seen_items == ["Godfather, The (1972)"]
+    missing = parse_answer("Step 1: likes action. Step 3: Heat", hist)
+    assert missing.steps_found == 2 and missing.step2 is None and not missing.complete
+    assert missing.seen_items == ["Heat (1995)"]
+    none = parse_answer("I recommend Casablanca.", hist)
+    assert none.steps_found == 0 and none.seen_items == []
