@@ -28,11 +28,13 @@ if [ -f "$STATE" ]; then
   fi
 fi
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-# Every port picked free: fixed defaults (6379, 8265, 52365, ...) clash with any other Ray here.
-GCS_PORT="$(free_port)"; DASH_PORT="$(free_port)"; CLIENT_PORT="$(free_port)"
-AGENT_HTTP_PORT="$(free_port)"; AGENT_GRPC_PORT="$(free_port)"; RUNTIME_ENV_PORT="$(free_port)"
-METRICS_PORT="$(free_port)"
+# Every port picked free (and distinct: all sockets are held open together while picking):
+# fixed defaults (6379, 8265, 52365, ...) clash with any other Ray on the machine.
+read -r GCS_PORT DASH_PORT CLIENT_PORT AGENT_HTTP_PORT AGENT_GRPC_PORT RUNTIME_ENV_PORT METRICS_PORT < <(
+  "$PY" -c 'import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
 TEMP_DIR="$(mktemp -d /tmp/slimray.XXXXXX)"   # short: Ray's unix socket paths must stay < 108 chars
 mkdir -p "$(dirname "$STATE")"
 
@@ -64,7 +66,8 @@ STATE_EOF
 # Ready when the dashboard and the node's job agent answer.
 for _ in $(seq 1 240); do
   if ! kill -0 "$PID" 2>/dev/null; then
-    echo "local_start: ray start exited early; log:" >&2; cat "$TEMP_DIR/ray_start.log" >&2; rm -f "$STATE"; exit 1
+    echo "local_start: ray start exited early; log:" >&2; tail -n 30 "$TEMP_DIR/ray_start.log" >&2
+    rm -f "$STATE"; rm -rf "$TEMP_DIR"; exit 1
   fi
   if "$PY" - "$DASH_PORT" "$AGENT_HTTP_PORT" <<'PY_EOF' 2>/dev/null
 import sys, urllib.request

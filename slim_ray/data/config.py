@@ -89,6 +89,11 @@ class PrepareConfig(StageConfig):
     chunk_mb: int = Field(
         32, ge=1, description="Plain text files are read in byte ranges of this size, in parallel."
     )
+    shuffle: Literal["sort", "hash"] = Field(
+        "sort",
+        description="Ray Data shuffle that groups user buckets: sort (pull-based sort shuffle; measured "
+        "faster on small nodes) or hash (hash shuffle with aggregator actors; for big clusters).",
+    )
     num_buckets: Optional[int] = Field(
         None, ge=1, description="User buckets of the shuffle (default: about one per 500k interactions)."
     )

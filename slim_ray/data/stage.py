@@ -155,20 +155,20 @@ def _build_and_write(group: pa.Table, un_ref, in_ref, uv_ref, max_seq_len, out_d
     bucket = int(group.column("bucket")[0].as_py()) if group.num_rows else 0
     seqs = build_sequences(group, ray.get(un_ref), ray.get(in_ref), ray.get(uv_ref), max_seq_len)
     lengths = np.diff(seqs.column("item_ids").combine_chunks().offsets.to_numpy()) if seqs.num_rows else np.zeros(0)
-    if seqs.num_rows:
-        write_parquet(seqs, out_dir, f"part-{bucket:05d}.parquet")
+    if seqs.num_rows:  # named by bucket and first user: a bucket split over two calls stays whole
+        first = int(seqs.column("user_id")[0].as_py())
+        write_parquet(seqs, out_dir, f"part-{bucket:05d}-{first:09d}.parquet")
     return pa.table({"bucket": [bucket], "users": [seqs.num_rows], "kept": [int(lengths.sum())],
                      "max_len": [int(lengths.max()) if len(lengths) else 0]})
 
 
 def _by_bucket(ds, num_buckets: int, fn, fn_kwargs: dict):
-    """Apply ``fn`` to all rows of each user bucket: a hash shuffle by bucket, or, for one
-    bucket, a plain repartition into one block (small inputs skip the shuffle machinery)."""
+    """Apply ``fn`` to all rows of each user bucket: ``groupby(bucket).map_groups`` (the shuffle
+    strategy is set for the whole stage, see ``run_prepare``), or, for one bucket, a plain
+    repartition into one block (small inputs skip the shuffle machinery)."""
     if num_buckets == 1:
         return ds.repartition(1).map_batches(fn, batch_size=None, batch_format="pyarrow", fn_kwargs=fn_kwargs)
-    return ds.groupby("bucket", num_partitions=num_buckets).map_groups(
-        fn, batch_format="pyarrow", fn_kwargs=fn_kwargs
-    )
+    return ds.groupby("bucket", num_partitions=num_buckets).map_groups(fn, batch_format="pyarrow", fn_kwargs=fn_kwargs)
 
 
 def write_parquet(table: pa.Table, out_dir: str, name: str) -> None:
@@ -219,6 +219,14 @@ def _unwrap(e: BaseException) -> Optional[BadInputError]:
 
 def run_prepare(cfg) -> dict[str, Any]:
     """Raw logs -> items + sequences (the stage function; see the module docstring)."""
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    # Datasets copy the current DataContext when created: set the shuffle for this stage only.
+    ctx = DataContext.get_current()
+    before = ctx.shuffle_strategy
+    ctx.shuffle_strategy = (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if cfg.data.shuffle == "sort"
+                            else ShuffleStrategy.HASH_SHUFFLE)
     try:
         return _run_prepare(cfg)
     except BadInputError:
@@ -228,6 +236,8 @@ def run_prepare(cfg) -> dict[str, Any]:
         if bad is not None:
             raise bad from None
         raise
+    finally:
+        ctx.shuffle_strategy = before
 
 
 def _run_prepare(cfg) -> dict[str, Any]:
@@ -250,6 +260,7 @@ def _run_prepare(cfg) -> dict[str, Any]:
     inter_spec, item_spec = build_specs(d, inter_files, item_files)
     init_ray(cfg.ray)
     log = _bad_line_log_cls().remote()
+    lap("ray_init")
 
     # 1. parse (parallel over pieces), keep in the object store
     pieces = plan_pieces(inter_spec)

@@ -35,8 +35,12 @@ class Example:
     user_id: int
     input_ids: list[int]
     n_prompt: int
-    prompt: str = ""
+    messages: list = field(default_factory=list)  # p' as chat messages
     teacher_text: str = ""
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.messages)
 
     @property
     def n_target(self) -> int:
@@ -54,36 +58,47 @@ class DistillData:
 
 # --------------------------------------------------------------------------- student prompt p'
 
+Messages = list  # [{"role": ..., "content": ...}, ...]
 
-def _fallback_student_prompt(history: Sequence[dict]) -> str:
-    """p' from the user's history items: short, no step-by-step scaffold (the student learns it)."""
+
+def _fallback_student_messages(history: Sequence[dict]) -> Messages:
+    """p' when ``slim_ray.prompts`` is unavailable: recent history, no step-by-step scaffold."""
     lines = []
-    for it in history[-MAX_HISTORY:]:
+    for it in list(history)[::-1][:MAX_HISTORY]:
         title = it.get("title") or f"item {it.get('item_id')}"
         year = f" ({it['year']})" if it.get("year") else ""
         cats = ", ".join(it.get("categories") or [])
         lines.append(f"- {title}{year}" + (f" [{cats}]" if cats else ""))
-    return (
-        "A user watched these items, oldest first:\n" + "\n".join(lines) + "\n"
-        "Reason step by step: 1) the user's preferences, 2) categories to recommend, "
-        "3) specific items to recommend."
-    )
+    return [{"role": "user", "content": "The user's items, most recent first:\n" + "\n".join(lines)
+             + "\nStep 1: preferences. Step 2: categories. Step 3: items to recommend."}]
 
 
-def student_prompt_builder() -> tuple[Callable[[Sequence[dict]], str], str]:
-    """The shared p' builder of ``slim_ray.prompts`` when present, else the local fallback.
+def student_prompt_builder(cfg=None, items=None, tokenizer_path: Optional[str] = None):
+    """(history_items -> p' chat messages, prompt version).
 
-    Returns (build(history_items) -> prompt text, prompt version)."""
+    With a pipeline config: exactly the builder the ``reason`` stage uses for the student
+    (``slim_ray.generate.stage.prompt_builder``: template, history length, token budget), so the
+    student is trained on the prompts it will answer. Without one: the packaged student template.
+    """
     try:
-        from slim_ray import prompts  # noqa: WPS433 - optional, written by the prompts module
+        from slim_ray.prompts import DEFAULT_TEMPLATE, build_messages, load_template, student_messages
+    except ImportError:
+        return _fallback_student_messages, FALLBACK_PROMPT_VERSION
+    if cfg is not None:
+        from slim_ray.generate.stage import prompt_builder
 
-        build = getattr(prompts, "build_student_prompt")
-        version = getattr(prompts, "STUDENT_PROMPT_VERSION", None) or getattr(
-            prompts, "PROMPT_VERSION", "student"
-        )
-        return build, str(version)
-    except (ImportError, AttributeError):
-        return _fallback_student_prompt, FALLBACK_PROMPT_VERSION
+        pb = prompt_builder(cfg, "student", items, tokenizer=tokenizer_path)
+        return (lambda hist: build_messages(pb.template, hist, **pb.kw)[0]), pb.version
+    return student_messages, load_template(DEFAULT_TEMPLATE["student"]).version
+
+
+def format_prompt(messages: Messages) -> str:
+    try:
+        from slim_ray.prompts import format_messages
+
+        return format_messages(messages)
+    except ImportError:
+        return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
 
 
 # --------------------------------------------------------------------------- filters
@@ -97,6 +112,12 @@ def names_seen_item(step3: Optional[str], history: Sequence[dict], min_chars: in
     """True when step 3 mentions the title of an item the user already has in the history."""
     if not step3:
         return False
+    try:  # the same rule the generation stage reports ("recommends already-seen items")
+        from slim_ray.prompts import seen_titles
+
+        return bool(seen_titles(step3, [it.get("title") or "" for it in history], min_chars))
+    except ImportError:
+        pass
     text = f" {_norm(step3)} "
     for it in history:
         t = _norm(it.get("title") or "")
@@ -108,9 +129,9 @@ def names_seen_item(step3: Optional[str], history: Sequence[dict], min_chars: in
 # --------------------------------------------------------------------------- building
 
 
-def _chat_prompt_text(tokenizer, prompt: str) -> str:
-    msgs = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+def chat_prompt_text(tokenizer, messages: Messages) -> str:
+    """The student's chat template over p', ending with the assistant generation prompt."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
 
 def end_of_turn(tokenizer) -> str:
@@ -118,9 +139,9 @@ def end_of_turn(tokenizer) -> str:
     return tokenizer.eos_token or ""
 
 
-def tokenize_pair(tokenizer, prompt: str, target: str, max_length: int) -> tuple[list[int], int, bool]:
-    """Token ids of chat(prompt)+target+EOT, the prompt length, and whether it was cut."""
-    p_ids = tokenizer(_chat_prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+def tokenize_pair(tokenizer, messages: Messages, target: str, max_length: int) -> tuple[list[int], int, bool]:
+    """Token ids of chat(p')+target+EOT, the prompt length, and whether it was cut."""
+    p_ids = tokenizer(chat_prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
     t_ids = tokenizer(target + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
     ids = p_ids + t_ids
     truncated = len(ids) > max_length
@@ -152,9 +173,11 @@ def build_dataset(
     drop_missing_steps: bool = False,
     drop_seen_items: bool = False,
     source: str = "rationales",
+    prompt_builder=None,
 ) -> DistillData:
-    """Pairs from pyarrow tables of the three contracts. Errors name ``source`` and the row."""
-    build_prompt, prompt_version = student_prompt_builder()
+    """Pairs from pyarrow tables of the three contracts. Errors name ``source`` and the row.
+    ``prompt_builder``: (history -> messages, version); default ``student_prompt_builder()``."""
+    build_prompt, prompt_version = prompt_builder or student_prompt_builder()
     item_rows = {
         int(r["item_id"]): r for r in items.select(
             [c for c in ("item_id", "title", "categories", "year", "brand", "text") if c in items.column_names]
@@ -198,7 +221,7 @@ def build_dataset(
         if drop_missing_steps and not all((r[k] or "").strip() for k in ("step1", "step2", "step3")):
             stats["skipped_missing_steps"] += 1
             continue
-        if drop_seen_items and names_seen_item(r["step3"], history):
+        if drop_seen_items and names_seen_item(r["step3"] or r["text"], history):
             stats["skipped_seen_items"] += 1
             continue
         seen_users.add(uid)
@@ -212,14 +235,14 @@ def build_dataset(
     train, evals = [], []
     h = hashlib.sha256()
     for r, history in usable:
-        prompt = build_prompt(history)
-        ids, n_prompt, cut = tokenize_pair(tokenizer, prompt, r["text"], max_length)
+        messages = build_prompt(history)
+        ids, n_prompt, cut = tokenize_pair(tokenizer, messages, r["text"], max_length)
         if len(ids) - n_prompt < MIN_TARGET_TOKENS:
             stats["skipped_too_long"] += 1
             continue
         stats["truncated"] += int(cut)
-        h.update(json.dumps([r["rationale_key"], prompt, r["text"], int(r["user_id"] in held_out)]).encode())
-        ex = Example(int(r["user_id"]), ids, n_prompt, prompt, r["text"])
+        h.update(json.dumps([r["rationale_key"], messages, r["text"], int(r["user_id"] in held_out)]).encode())
+        ex = Example(int(r["user_id"]), ids, n_prompt, messages, r["text"])
         (evals if ex.user_id in held_out else train).append(ex)
     h.update(json.dumps([max_length, prompt_version, getattr(tokenizer, "name_or_path", "")]).encode())
 
@@ -234,14 +257,16 @@ def build_dataset(
     return DistillData(train, evals, stats, h.hexdigest(), prompt_version)
 
 
-def load_dataset(cfg, tokenizer) -> DistillData:
-    """``build_dataset`` over the run folder of a PipelineConfig."""
+def load_dataset(cfg, tokenizer, tokenizer_path: Optional[str] = None) -> DistillData:
+    """``build_dataset`` over the run folder of a PipelineConfig, with the reason stage's p'."""
     from slim_ray.data.io import read_items, read_rationales, read_sequences
 
     lay, d = cfg.layout, cfg.distill
     path = lay.rationales("teacher")
+    items = read_items(lay.items)
     return build_dataset(
-        read_rationales(path), read_sequences(lay.sequences), read_items(lay.items), tokenizer,
+        read_rationales(path), read_sequences(lay.sequences), items, tokenizer,
+        prompt_builder=student_prompt_builder(cfg, items, tokenizer_path),
         max_length=d.max_length, eval_fraction=d.eval_fraction, min_eval_users=d.min_eval_users,
         seed=cfg.seed, max_samples=d.max_samples, drop_missing_steps=d.drop_missing_steps,
         drop_seen_items=d.drop_seen_items, source=path,

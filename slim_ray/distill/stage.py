@@ -51,7 +51,7 @@ def run_distill(cfg) -> dict[str, Any]:
     t0 = time.time()
     base_path = resolve_llm(d.base_model, cfg.cache_dir)
     tok = AutoTokenizer.from_pretrained(base_path)
-    data = load_dataset(cfg, tok)
+    data = load_dataset(cfg, tok, base_path)
     logger.warning("[distill] %d train / %d held-out pairs (%s)", len(data.train), len(data.eval),
                    {k: v for k, v in data.stats.items() if v})
 

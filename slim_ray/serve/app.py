@@ -26,7 +26,6 @@ def build_app(cfg):
     """The serving graph as a Ray Serve Application (nothing starts until ``serve.run``)."""
     from slim_ray.encode.encoder import EncoderSpec
     from slim_ray.serve.deployments import EncoderDeployment, Ingress, ReasonerDeployment, RecommenderDeployment
-    from slim_ray.serve.reasoner import resolve_reasoner_model
 
     s, e = cfg.serve, cfg.encode
     spec = EncoderSpec.from_config(e)
@@ -36,14 +35,13 @@ def build_app(cfg):
     recommender = RecommenderDeployment.options(**s.recommender_scaling.serve_options()).bind(
         cfg.model_dump(mode="json")
     )
-    reasoner, reasoner_model = None, None
+    reasoner = None
     if s.reasoner:
-        reasoner_model = resolve_reasoner_model(cfg)
+        threads = max(1, int(round(s.reasoner_scaling.num_cpus)))
         reasoner = ReasonerDeployment.options(**s.reasoner_scaling.serve_options()).bind(
-            reasoner_model, s.reasoner_max_new_tokens, cfg.cache_dir
+            cfg.model_dump(mode="json"), threads
         )
-    settings = {"default_k": s.default_k, "max_k": s.max_k, "reasoner_history": s.reasoner_history,
-                "encoder": spec.model_id, "reasoner_model": reasoner_model}
+    settings = {"default_k": s.default_k, "max_k": s.max_k, "encoder": spec.model_id}
     return Ingress.options(**s.ingress_scaling.serve_options()).bind(recommender, encoder, reasoner, settings)
 
 
@@ -66,7 +64,8 @@ def start(cfg) -> str:
     init_ray(cfg.ray)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False,
+              logging_config={"log_level": s.log_level})
     return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
 
 

@@ -48,9 +48,12 @@ class ServeConfig(StageConfig):
     """HTTP ingress -> (student reasoner) -> encoder -> recommender, on 127.0.0.1 by default."""
 
     host: str = Field("127.0.0.1", description="HTTP host; loopback by default.")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     app_name: str = Field("slim", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="URL prefix of the application.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Ray Serve log level of the replicas (INFO logs every request)."
+    )
     recommender: Literal["auto", "checkpoint", "text"] = Field(
         "auto",
         description="auto: a trained checkpoint when one exists under the run's rec/ folder, else "
@@ -67,11 +70,13 @@ class ServeConfig(StageConfig):
     )
     reasoner_model: Optional[str] = Field(
         None,
-        description="Student LLM for the reasoner (default: the run's distilled merged student if it "
-        "exists, else the student.model packaged name).",
+        description="Student LLM of the reasoner (default: student.model, i.e. the run's distilled "
+        "export; the packaged smollm2-135m-instruct, with a warning, while the run has none). "
+        "Prompt settings (template, history length, token budget) come from the student: section.",
     )
-    reasoner_max_new_tokens: int = Field(96, ge=8, description="Tokens a served rationale may have.")
-    reasoner_history: int = Field(20, ge=1, description="Most recent history items shown to the reasoner.")
+    reasoner_max_new_tokens: int = Field(
+        128, ge=8, description="Tokens a served rationale may have (greedy decoding)."
+    )
     default_k: int = Field(10, ge=1, description="Top-k when a request does not say.")
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the encoder deployment.")

@@ -68,14 +68,14 @@ class RecommenderDeployment:
         self.scorer = load_scorer(cfg)
 
     def lookup(self, user_id: int) -> dict:
-        return {
-            "known": user_id in self.catalog.histories,
-            "history": list(self.catalog.histories.get(user_id, [])),
-            "vector": self.catalog.user_vectors.get(user_id),
-        }
+        """A known user's history and stored rationale vector (a checkpoint's own table first)."""
+        stored = getattr(self.scorer, "stored_user_vector", None)
+        vec = stored(user_id) if stored is not None else self.catalog.user_vectors.get(user_id)
+        return {"known": user_id in self.catalog.histories,
+                "history": list(self.catalog.histories.get(user_id, [])), "vector": vec}
 
-    def texts(self, item_ids: list[int]) -> list[str]:
-        return [self.catalog.texts[i] for i in item_ids if i in self.catalog.texts]
+    def uses_rationales(self) -> bool:
+        return bool(getattr(self.scorer, "uses_rationales", True))
 
     def unknown_items(self, item_ids: list[int]) -> list[int]:
         return self.catalog.unknown_items(item_ids)
@@ -88,21 +88,27 @@ class RecommenderDeployment:
                 for i, s in top_k(scores, history, k)]
 
     def info(self) -> dict:
+        meta = getattr(self.scorer, "meta", None) or {}
         return {"scorer": self.scorer.name, "items": len(self.catalog.titles),
-                "users": len(self.catalog.histories), "user_vectors": len(self.catalog.user_vectors)}
+                "users": len(self.catalog.histories), "uses_rationales": self.uses_rationales(),
+                **{k: meta[k] for k in ("backbone", "variant", "seed", "best_valid_ndcg@10") if k in meta}}
 
 
 @serve.deployment
 class ReasonerDeployment:
-    """The distilled student writing a rationale for a raw history."""
+    """The distilled student writing a rationale for a raw history (slim_ray.serve.reasoner)."""
 
-    def __init__(self, model: str, max_new_tokens: int, cache_dir: Optional[str]):
+    def __init__(self, cfg_dict: dict, threads: int):
+        from slim_ray.config import PipelineConfig
         from slim_ray.serve.reasoner import Reasoner
 
-        self.reasoner = Reasoner(model, max_new_tokens=max_new_tokens, cache_dir=cache_dir)
+        self.reasoner = Reasoner(PipelineConfig.model_validate(cfg_dict), threads=threads)
 
-    def reason(self, history_texts: list[str]) -> dict:
-        return self.reasoner.reason(history_texts)
+    def model(self) -> str:
+        return self.reasoner.model_id
+
+    def reason(self, item_ids: list[int]) -> dict:
+        return self.reasoner.reason(item_ids)
 
 
 api = FastAPI(title="slim_ray recommendations",
@@ -124,8 +130,9 @@ class Ingress:
 
     @api.get("/info")
     async def info(self) -> dict:
-        return {**(await self.recommender.info.remote()), "reasoner": self.reasoner is not None,
-                "reasoner_model": self.settings.get("reasoner_model"), "encoder": self.settings["encoder"]}
+        reasoner = None if self.reasoner is None else await self.reasoner.model.remote()
+        return {**(await self.recommender.info.remote()), "reasoner_model": reasoner,
+                "encoder": self.settings["encoder"]}
 
     @api.post("/recommend")
     async def recommend(self, req: RecommendRequest) -> dict:
@@ -151,14 +158,16 @@ class Ingress:
             raise HTTPException(400, f"history: unknown item ids {unknown[:10]}")
 
         if user_vec is None:
-            # By default only users given as a raw history get a fresh student rationale.
+            # By default only users given as a raw history get a fresh student rationale, and only
+            # when the recommender reads rationales at all (id / id_text checkpoints do not).
             want_reason = req.reason if req.reason is not None else not (known_user or req.rationale)
+            if req.reason is None and want_reason:
+                want_reason = await self.recommender.uses_rationales.remote()
             if req.rationale:
                 rationale, path = req.rationale, "given-rationale"
             elif want_reason and self.reasoner is not None:
                 t = time.perf_counter()
-                texts = await self.recommender.texts.remote(history[-self.settings["reasoner_history"]:])
-                out = await self.reasoner.reason.remote(texts)
+                out = await self.reasoner.reason.remote(history)
                 rationale, path = out["text"], "student-rationale"
                 timings["reason_ms"] = round(1000 * (time.perf_counter() - t), 1)
             elif req.reason:

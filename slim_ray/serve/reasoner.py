@@ -1,8 +1,12 @@
 """The student reasoner used at serving time: a user's raw history -> a step-by-step rationale.
 
-Plain Python (no Ray): ``Reasoner(model).reason(history_texts)``. The serving graph wraps it in a
-deployment for users that have no stored rationale (new users, or a history given in the request).
-Decoding is greedy, so the same history gives the same rationale.
+Plain Python (no Ray): ``Reasoner(cfg).reason(item_ids)``. It reuses the ``reason`` stage's own
+pieces, so a served rationale is written exactly like a batch one: the student's prompt p'
+(``slim_ray.generate.stage.prompt_builder``: same template, history rendering and token budget)
+and the ``hf`` engine (``slim_ray.generate.engines.HFEngine``: chat template, bf16 when supported).
+Two differences, both for serving: the *whole* given history is shown (a request's history has
+no held-out targets to hide), and decoding is greedy with at most ``serve.reasoner_max_new_tokens``
+tokens, so the same history always gives the same rationale.
 """
 
 from __future__ import annotations
@@ -10,79 +14,62 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
 
 PACKAGED_STUDENT = "smollm2-135m-instruct"
 
 
-def resolve_reasoner_model(cfg) -> str:
-    """serve.reasoner_model > the run's distilled merged student > the packaged student."""
-    s = cfg.serve
-    if s.reasoner_model:
-        return s.reasoner_model
-    merged = cfg.layout.student_merged
-    if os.path.isdir(merged) and os.path.exists(os.path.join(merged, "config.json")):
-        return merged
-    if cfg.student.model not in ("distilled", ""):
-        return cfg.student.model
-    logger.warning("no distilled student at %s: the reasoner serves the packaged %s (not distilled)",
-                   merged, PACKAGED_STUDENT)
-    return PACKAGED_STUDENT
-
-
-def student_messages(history_texts: Sequence[str]) -> list[dict[str, str]]:
-    """Chat messages of the simplified student prompt p' (history -> three reasoning steps)."""
-    items = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(history_texts))
-    return [
-        {"role": "system", "content": "You are a helpful shopping assistant."},
-        {"role": "user", "content": (
-            f"A user interacted with these items, oldest first:\n{items}\n"
-            "Think step by step. Step 1: summarise the user's preferences. Step 2: recommend "
-            "categories that fit them. Step 3: recommend specific items in those categories.")},
-    ]
+def reasoner_generate_config(cfg):
+    """The student's GenerateConfig, pointed at the model the reasoner serves (always engine=hf):
+    serve.reasoner_model > student.model (``distilled``: the run's export) > the packaged student
+    when the run has no distilled export yet (with a warning: it is not distilled)."""
+    gen = cfg.student
+    model = cfg.serve.reasoner_model or gen.model
+    if model == "distilled":
+        lay = cfg.layout
+        exported = os.path.isfile(os.path.join(lay.student_merged, "config.json")) or os.path.isfile(
+            os.path.join(lay.student_adapter, "adapter_config.json"))
+        if not exported:
+            logger.warning("no distilled student under %s: the reasoner serves the packaged %s (not distilled)",
+                           lay.distill, PACKAGED_STUDENT)
+            model = PACKAGED_STUDENT
+    return gen.model_copy(update={"model": model, "engine": "hf", "temperature": 0.0,
+                                  "max_new_tokens": cfg.serve.reasoner_max_new_tokens, "min_new_tokens": 0})
 
 
 class Reasoner:
-    """A causal LM (packaged name or HF folder) writing rationales, bf16 on CPU, greedy."""
+    """Student prompt + hf engine for one process (a Serve replica, or a plain script)."""
 
-    def __init__(self, model: str, max_new_tokens: int = 96, dtype: str = "bfloat16",
-                 device: str = "auto", cache_dir: Optional[str] = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, cfg, threads: int | None = None):
+        from slim_ray.generate.engines import HFEngine, sampling_params
+        from slim_ray.generate.stage import prompt_builder, resolve_model
 
-        from slim_ray.assets import model_id, resolve_llm
+        gen = reasoner_generate_config(cfg)
+        spec = resolve_model(cfg, gen)
+        self.model_id = spec.model_id
+        self.pb = prompt_builder(cfg, "student", tokenizer=spec.tokenizer)
+        self.engine = HFEngine(spec.path, sampling_params(gen), dtype=gen.dtype, threads=threads,
+                               seed=cfg.seed, adapter=spec.adapter)
 
-        path = resolve_llm(model, cache=cache_dir)
-        self.model_id = model_id(model)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.tok = AutoTokenizer.from_pretrained(path)
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.tok.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
-        self.model.eval()
-        self.max_new_tokens = max_new_tokens
+    def reason(self, item_ids: Sequence[int]) -> dict[str, Any]:
+        """-> {"text", "steps", "n_shown", "n_prompt_tokens", "n_output_tokens", "seconds", "model"}."""
+        from slim_ray.prompts import build_messages, parse_answer
 
-    def reason(self, history_texts: Sequence[str]) -> dict:
-        """-> {"text", "n_prompt_tokens", "n_output_tokens", "seconds", "model"}."""
-        import torch
-
-        if not history_texts:
+        if not item_ids:
             raise ValueError("the reasoner needs a non-empty history")
-        msgs = student_messages(history_texts)
-        prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        enc = self.tok(prompt, return_tensors="pt").to(self.device)
+        hist = self.pb.history(item_ids)  # KeyError naming an unknown item id
+        msgs, n_shown = build_messages(self.pb.template, hist, **self.pb.kw)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
-        new = out[0, enc["input_ids"].shape[1]:]
+        ((text, n_in, n_out),) = self.engine.generate([msgs])
+        parsed = parse_answer(text, [h.get("title") or "" for h in hist])
         return {
-            "text": self.tok.decode(new, skip_special_tokens=True).strip(),
-            "n_prompt_tokens": int(enc["input_ids"].shape[1]),
-            "n_output_tokens": int(new.shape[0]),
+            "text": text,
+            "steps": [parsed.step1, parsed.step2, parsed.step3],
+            "n_shown": n_shown,
+            "n_prompt_tokens": n_in,
+            "n_output_tokens": n_out,
             "seconds": round(time.perf_counter() - t0, 3),
             "model": self.model_id,
         }

@@ -59,6 +59,7 @@ class TextMatchScorer:
     """Cosine between a user vector and every item vector (see module doc)."""
 
     name = "text-match"
+    uses_rationales = True
 
     def __init__(self, item_ids: np.ndarray, item_vecs: np.ndarray, n_items: Optional[int] = None):
         n = int(max(int(item_ids.max()), n_items or 0)) + 1

@@ -4,6 +4,7 @@ the cluster it started (by its recorded PID / process group)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ def test_local_cluster_runs_a_submitted_job_and_stops_by_pid(tmp_path):
     assert start.returncode == 0, start.stderr[-3000:]
     st = _read_state(str(state))
     pid = int(st["RAY_HEAD_PID"])
+    assert st["RAY_TEMP_DIR"].startswith("/tmp/slimray.")
     try:
         assert st["RAY_ADDRESS"].startswith("http://127.0.0.1:")
         assert st["RAY_GCS_ADDRESS"].startswith("127.0.0.1:")
@@ -68,6 +70,7 @@ def test_local_cluster_runs_a_submitted_job_and_stops_by_pid(tmp_path):
     while _group_alive(pid) and time.time() < deadline:
         time.sleep(0.5)
     assert not _group_alive(pid) and not state.exists()
+    shutil.rmtree(st["RAY_TEMP_DIR"], ignore_errors=True)  # the session logs of this test's cluster
     # Stopping again is refused clearly, not a broad stop.
     again = subprocess.run([os.path.join(ROOT, "cluster", "local_stop.sh"), str(state)],
                            capture_output=True, text=True, timeout=60)

@@ -38,10 +38,12 @@ def make_sequences(n_users: int = 16, n_items: int = 40, length: int = 6) -> pa.
     return pa.Table.from_pylist(rows, schema=SEQUENCES_SCHEMA)
 
 
-def rationale_text(history_titles, genre):
+def rationale_text(history_titles, genre, seen: bool = True):
+    """Step 3 names a title from the history when ``seen`` (even user ids)."""
     s1 = f"Step 1: The user enjoys {genre} movies such as {history_titles[-1]}."
     s2 = f"Step 2: Recommend more {genre} films and similar titles."
-    s3 = f"Step 3: Recommend {genre} movies like {history_titles[0]} Returns and {genre} Nights."
+    pick = f"{history_titles[0]} again" if seen else f"{genre} Classics"
+    s3 = f"Step 3: Recommend {genre} movies like {pick} and {genre} Nights."
     return s1, s2, s3
 
 
@@ -52,7 +54,7 @@ def make_rationales(items: pa.Table, seqs: pa.Table, error_users=(3,), prefix_cu
         plen = len(r["item_ids"]) - prefix_cut
         hist = [titles[i] for i in r["item_ids"][:plen]]
         genre = hist[-1][1][0]
-        s1, s2, s3 = rationale_text([t for t, _ in hist], genre)
+        s1, s2, s3 = rationale_text([t for t, _ in hist], genre, seen=r["user_id"] % 2 == 0)
         text = "\n".join([s1, s2, s3])
         err = "timeout" if r["user_id"] in error_users else None
         rows.append({

@@ -1,0 +1,94 @@
+"""Metric functions against hand-computed values; the random-ranker oracle; stored candidates."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from slim_ray.rec import data as rd
+from slim_ray.rec.evaluate import draw_candidates, stored_candidates
+from slim_ray.rec.metrics import (
+    evaluate_vectors, metrics_from_ranks, paired_test, random_reference, ranks_full, ranks_sampled,
+)
+
+
+def test_metrics_from_ranks_hand_computed():
+    m = metrics_from_ranks(np.array([0, 1, 4, 9, 10, 19, 25]), [5, 10, 20])
+    assert m["hr@5"].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert m["hr@10"].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert m["hr@20"].tolist() == [1, 1, 1, 1, 1, 1, 0]
+    assert m["ndcg@10"] == pytest.approx([1.0, 1 / math.log2(3), 1 / math.log2(6), 1 / math.log2(11), 0, 0, 0])
+    assert m["mrr@20"] == pytest.approx([1.0, 0.5, 0.2, 0.1, 1 / 11, 1 / 20, 0])
+    assert m["mrr@5"] == pytest.approx([1.0, 0.5, 0.2, 0, 0, 0, 0])
+
+
+def test_full_ranking_excludes_history_and_counts_ties_against_the_model():
+    # items 1..5 (column 0 = padding). User 0: target 3, history {1} excluded; user 1: target 2, tie with 4.
+    scores = torch.tensor([[9.0, 10.0, 1.0, 5.0, 2.0, 7.0],
+                           [9.0, 0.0, 4.0, 3.0, 4.0, 1.0]])
+    ranks = ranks_full(scores, torch.tensor([3, 2]), torch.tensor([0]), torch.tensor([1]))
+    assert ranks.tolist() == [1, 1]  # user 0: only item 5 beats 3 once item 1 is excluded; user 1: tie
+    assert ranks_sampled(torch.tensor([[0.5, 0.1, 0.9, 0.5]])).tolist() == [2]
+
+
+def test_evaluate_vectors_matches_a_python_loop():
+    g = torch.Generator().manual_seed(0)
+    U, N, d = 37, 50, 8
+    users, table = torch.randn(U, d, generator=g), torch.randn(N + 1, d, generator=g)
+    rng = np.random.default_rng(0)
+    seqs = [rng.choice(np.arange(1, N + 1), size=rng.integers(4, 12), replace=False) for _ in range(U)]
+    data = rd.RecData(np.arange(1, U + 1), seqs, N, U)
+    split = rd.eval_split(data, "test", 20)
+    cand = draw_candidates(data, 10, seed=1)
+    out = evaluate_vectors(users, table, split, [5, 10], cand, batch_users=8)
+    for u in range(U):
+        s = (users[u] @ table.T).numpy()
+        hist = set(seqs[u][:-1].tolist())
+        t = seqs[u][-1]
+        allowed = [i for i in range(1, N + 1) if i not in hist]
+        rank = sum(s[i] >= s[t] for i in allowed) - 1
+        assert out["full"]["ndcg@10"][u] == pytest.approx((rank < 10) / math.log2(rank + 2))
+        srank = sum(s[i] >= s[t] for i in cand[u][1:])
+        assert out["sampled"]["hr@5"][u] == float(srank < 5)
+
+
+def test_random_ranker_reference_and_simulation_on_sampled_100():
+    ref = random_reference(np.full(10, 101), [10, 20])
+    assert ref["ndcg@10"] == pytest.approx(0.0454, abs=5e-4)
+    assert ref["hr@10"] == pytest.approx(10 / 101)
+    assert ref["hr@20"] == pytest.approx(20 / 101)
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.random((20000, 101)))
+    m = metrics_from_ranks(ranks_sampled(scores).numpy(), [10, 20])
+    assert m["ndcg@10"].mean() == pytest.approx(0.045, abs=0.003)
+    assert m["hr@10"].mean() == pytest.approx(0.099, abs=0.006)
+    assert m["hr@20"].mean() == pytest.approx(0.198, abs=0.008)
+
+
+def test_candidates_avoid_history_are_seeded_and_stored_once(tmp_path):
+    rng = np.random.default_rng(0)
+    seqs = [rng.choice(np.arange(1, 301), size=rng.integers(5, 120), replace=False) for _ in range(50)]
+    data = rd.RecData(np.arange(1, 51), seqs, 300, 50)
+    cand = draw_candidates(data, 100, seed=7)
+    assert cand.shape == (50, 101)
+    for s, c in zip(seqs, cand):
+        assert c[0] == s[-1]
+        assert len(set(c[1:])) == 100 and not set(c[1:]) & set(s.tolist())
+    assert (draw_candidates(data, 100, seed=7) == cand).all()
+    path = str(tmp_path / "candidates.parquet")
+    first, reused = stored_candidates(path, data, 100, 7)
+    assert not reused and (first == cand).all()
+    again, reused = stored_candidates(path, data, 100, 7)
+    assert reused and (again == cand).all()
+    _, reused = stored_candidates(path, data, 100, 8)  # another seed: redrawn
+    assert not reused
+
+
+def test_paired_test_detects_a_consistent_gain():
+    rng = np.random.default_rng(0)
+    b = rng.random(500)
+    res = paired_test(b + 0.05 + rng.normal(0, 0.01, 500), b)
+    assert res["mean_diff"] == pytest.approx(0.05, abs=0.005)
+    assert res["p_ttest"] < 1e-6 and res["p_wilcoxon"] < 1e-6
+    assert paired_test(b, b)["p_ttest"] == 1.0
