@@ -9,6 +9,7 @@
 # The head runs as `ray start --block` in a session of its own (setsid); its PID (= process group)
 # is written to STATE_FILE so cluster/local_stop.sh stops exactly this cluster and nothing else.
 # Env: NUM_CPUS (default: all), RAY_BIN (default: .venv/bin/ray next to this repo, else `ray`),
+#      START_TIMEOUT_S (default 180: how long to wait for the head to answer),
 #      RAY_AUTH_MODE (default: disabled -- loopback only; set "token" to require Ray's token auth).
 set -euo pipefail
 
@@ -63,8 +64,9 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_ADDRESS RAY_AUTH_MODE RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
 STATE_EOF
 
-# Ready when the dashboard and the node's job agent answer.
-for _ in $(seq 1 240); do
+# Ready when the dashboard and the node's job agent answer (START_TIMEOUT_S, default 180 s).
+DEADLINE=$(( $(date +%s) + ${START_TIMEOUT_S:-180} ))
+while [ "$(date +%s)" -lt "$DEADLINE" ]; do
   if ! kill -0 "$PID" 2>/dev/null; then
     echo "local_start: ray start exited early; log:" >&2; tail -n 30 "$TEMP_DIR/ray_start.log" >&2
     rm -f "$STATE"; rm -rf "$TEMP_DIR"; exit 1
@@ -80,7 +82,9 @@ PY_EOF
   fi
   sleep 0.5
 done
-echo "local_start: timed out waiting for http://127.0.0.1:$DASH_PORT; stopping pid $PID" >&2
+echo "local_start: timed out waiting for http://127.0.0.1:$DASH_PORT; stopping pid $PID (log: $TEMP_DIR/ray_start.log)" >&2
 kill -TERM -- "-$PID" 2>/dev/null || true
+for _ in $(seq 1 90); do pgrep -g "$PID" >/dev/null 2>&1 || break; sleep 0.5; done   # Ray drains for up to 30 s
+kill -KILL -- "-$PID" 2>/dev/null || true
 rm -f "$STATE"
 exit 1

@@ -4,8 +4,9 @@
 #
 #   cluster/local_stop.sh [STATE_FILE]        (default: runs/ray-local/cluster.env)
 #
-# Sends SIGTERM to the process group of the recorded `ray start --block` (it shuts its GCS,
-# raylet, dashboard and workers down), waits up to 30 s, then SIGKILLs what is left of that group.
+# Sends SIGTERM to the recorded `ray start --block` PID (it drains the node, <= 30 s, then shuts its
+# GCS, raylet, dashboard and workers down), then SIGTERM and finally SIGKILL to what is left of its
+# process group (the PID is the group id: the head was started with setsid).
 set -euo pipefail
 
 STATE="${1:-${SLIM_RAY_CLUSTER_STATE:-runs/ray-local/cluster.env}}"
@@ -19,12 +20,13 @@ group_alive() { pgrep -g "$PID" >/dev/null 2>&1; }
 
 if group_alive; then
   # `ray start --block` stops its own processes on SIGTERM; the rest of the group after that.
+  # It drains the node for up to 30 s first.
   kill -TERM "$PID" 2>/dev/null || true
-  for _ in $(seq 1 40); do kill -0 "$PID" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 90); do kill -0 "$PID" 2>/dev/null || break; sleep 0.5; done
   kill -TERM -- "-$PID" 2>/dev/null || true
   for _ in $(seq 1 20); do group_alive || break; sleep 0.5; done
   if group_alive; then
-    echo "local_stop: group $PID still alive after 30 s, sending SIGKILL" >&2
+    echo "local_stop: group $PID still alive after 55 s, sending SIGKILL" >&2
     kill -KILL -- "-$PID" 2>/dev/null || true
   fi
 fi

@@ -87,7 +87,8 @@ class PrepareConfig(StageConfig):
     max_title_chars: int = Field(200, ge=10, description="Longer titles are cut (some metadata holds HTML).")
     max_description_chars: int = Field(300, ge=0, description="Cut of the description when it is rendered.")
     chunk_mb: int = Field(
-        32, ge=1, description="Plain text files are read in byte ranges of this size, in parallel."
+        128, ge=1, description="Plain text files are read in byte ranges of this size, in parallel (each "
+        "range is one block: fewer, larger blocks make the vocabulary lookups cheaper).",
     )
     shuffle: Literal["sort", "hash"] = Field(
         "sort",

@@ -155,6 +155,16 @@ class KCore:
         self._reset()
         return stable
 
+    def check_not_empty(self, where: str, max_users: Optional[int] = None) -> None:
+        """The error for a log that k-core filters away entirely (names the inputs and settings)."""
+        from slim_ray.data.readers import BadInputError
+
+        if not self.user_alive.any() or not self.item_alive.any():
+            raise BadInputError(
+                f"{where}: no interactions left after k-core (min_user_count={self.min_user}, "
+                f"min_item_count={self.min_item}, max_users={max_users}); lower them"
+            )
+
     def new_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """Vocabulary position -> dense id (1..U / 1..N in vocabulary order; 0 for the pruned)."""
         uid = np.where(self.user_alive, np.cumsum(self.user_alive), 0).astype(np.int64)
@@ -276,7 +286,7 @@ def finish_items(
 def prepare_tables(
     interactions: pa.Table, meta: Optional[pa.Table], *, min_user_count: int = 5, min_item_count: int = 5,
     max_seq_len: Optional[int] = 200, max_users: Optional[int] = None, min_rating: Optional[float] = None,
-    dedup: bool = False, item_kwargs: Optional[dict] = None,
+    dedup: bool = False, item_kwargs: Optional[dict] = None, where: str = "interactions",
 ) -> tuple[pa.Table, pa.Table, dict]:
     """The whole transformation in one process (reference for tests and the benchmark)."""
     keys = unique_keys(interactions)
@@ -293,6 +303,7 @@ def prepare_tables(
         kc.add(kcore_counts(enc, kc.user_alive, kc.item_alive))
         if kc.step():
             break
+    kc.check_not_empty(where, max_users)
     user_new, item_new = kc.new_ids()
     seqs = build_sequences(enc, user_new, item_new, user_vocab, max_seq_len)
     items, info = finish_items(meta if meta is not None else ITEM_META_SCHEMA.empty_table(),

@@ -198,6 +198,39 @@ def _clear_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+class _KeySet:
+    """Distinct keys merged on the driver as blocks report them; memory ~ 2x the distinct keys."""
+
+    def __init__(self, slack: int = 1_000_000):
+        self.parts: list = []
+        self.size = 0
+        self.distinct = 0
+        self.slack = slack
+
+    def add(self, keys) -> None:
+        import pyarrow.compute as pc
+
+        self.parts.append(keys)
+        self.size += len(keys)
+        if self.size > 2 * self.distinct + self.slack:
+            merged = pc.unique(pa.chunked_array(self.parts, pa.string()))
+            self.parts, self.size = [merged], len(merged)
+            self.distinct = len(merged)
+
+    def keys(self):
+        return pa.chunked_array(self.parts, pa.string())
+
+
+def _forget_previous_run(prepared: str) -> None:
+    """Drop an earlier run's manifest before its outputs are replaced: if this run dies half-way,
+    the folder must not look complete (the stage runner writes the new manifest at the end)."""
+    from slim_ray.lineage import MANIFEST
+
+    path = os.path.join(prepared, MANIFEST)
+    if "://" not in prepared and os.path.exists(path):
+        os.remove(path)
+
+
 def _unwrap(e: BaseException) -> Optional[BadInputError]:
     """The BadInputError behind a Ray/Ray Data exception chain, if any."""
     seen = set()
@@ -240,27 +273,44 @@ def run_prepare(cfg) -> dict[str, Any]:
         ctx.shuffle_strategy = before
 
 
+class _Clock:
+    """Seconds per phase, for the stage summary."""
+
+    def __init__(self):
+        self.t0 = self.t = time.time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.laps[name] = round(now - self.t, 2)
+        self.t = now
+
+
 def _run_prepare(cfg) -> dict[str, Any]:
     import ray
 
-    from slim_ray.data.prepare import KCore, finish_items, ordered_vocab
     from slim_ray.runtime import init_ray
 
-    d = cfg.data
-    timings: dict[str, float] = {}
-    t0 = t = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.time()
-        timings[name] = round(now - t, 2)
-        t = now
-
-    inter_files, item_files = input_files(d)
-    inter_spec, item_spec = build_specs(d, inter_files, item_files)
+    clock = _Clock()
+    inter_files, item_files = input_files(cfg.data)
+    inter_spec, item_spec = build_specs(cfg.data, inter_files, item_files)  # cheap header checks first
     init_ray(cfg.ray)
     log = _bad_line_log_cls().remote()
-    lap("ray_init")
+    clock.lap("ray_init")
+    try:
+        return _pipeline(cfg, inter_spec, item_spec, log, clock)
+    finally:
+        ray.kill(log)
+
+
+def _pipeline(cfg, inter_spec: TableSpec, item_spec: Optional[TableSpec], log, clock: _Clock) -> dict[str, Any]:
+    import ray
+
+    from slim_ray.data.prepare import KCore, finish_items, ordered_vocab
+
+    d = cfg.data
+    lap = clock.lap
+    inter_files, item_files = inter_spec.files, (item_spec.files if item_spec else [])
 
     # 1. parse (parallel over pieces), keep in the object store
     pieces = plan_pieces(inter_spec)
@@ -278,15 +328,15 @@ def _run_prepare(cfg) -> dict[str, Any]:
     # 2. vocabularies (only distinct keys reach the driver)
     from slim_ray.data.prepare import unique_keys
 
-    users, items = [], []
+    users, items = _KeySet(), _KeySet()
     for b in raw.map_batches(unique_keys, batch_size=None, batch_format="pyarrow").iter_batches(
         batch_format="pyarrow", batch_size=None
     ):
         m = b.column("is_user").to_numpy(zero_copy_only=False)
-        users.append(b.column("key").filter(pa.array(m)))
-        items.append(b.column("key").filter(pa.array(~m)))
-    user_vocab = ordered_vocab(pa.chunked_array(users, pa.string()))
-    item_vocab = ordered_vocab(pa.chunked_array(items, pa.string()))
+        users.add(b.column("key").filter(pa.array(m)))
+        items.add(b.column("key").filter(pa.array(~m)))
+    user_vocab = ordered_vocab(users.keys())
+    item_vocab = ordered_vocab(items.keys())
     raw_users, raw_items = len(user_vocab), len(item_vocab)
     if d.max_users is not None:
         user_vocab = user_vocab.slice(0, d.max_users)
@@ -318,17 +368,14 @@ def _run_prepare(cfg) -> dict[str, Any]:
             kc.add(b)
         if kc.step():
             break
+    kc.check_not_empty(", ".join(inter_files), d.max_users)
     user_new, item_new = kc.new_ids()
     n_users, n_items = int(kc.user_alive.sum()), int(kc.item_alive.sum())
     lap("kcore")
-    if n_users == 0 or n_items == 0:
-        raise BadInputError(
-            f"{', '.join(inter_files)}: no interactions left after k-core (min_user_count="
-            f"{kc.min_user}, min_item_count={d.min_item_count}, max_users={d.max_users}); lower them"
-        )
 
     # 5. sequences: one shuffle by user bucket, each bucket builds and writes its own file
     lay = cfg.layout
+    _forget_previous_run(lay.prepared)
     _clear_dir(lay.sequences)
     _clear_dir(lay.items)
     un_ref, in_ref = ray.put(user_new), ray.put(item_new)
@@ -369,10 +416,10 @@ def _run_prepare(cfg) -> dict[str, Any]:
     lap("items")
 
     skipped, examples = ray.get(log.summary.remote())
-    ray.kill(log)
     return {
         "source": d.source,
-        "inputs": inter_files + item_files,
+        "inputs": (inter_files + item_files)[:10] + ([f"... {len(inter_files + item_files) - 10} more"]
+                                                     if len(inter_files + item_files) > 10 else []),
         "raw": {"interactions": n_raw, "users": raw_users, "items": raw_items},
         "after_filters": {"interactions": n_enc},
         "users": n_users,
@@ -387,6 +434,6 @@ def _run_prepare(cfg) -> dict[str, Any]:
         "skipped_lines": skipped,
         "skipped_examples": examples,
         "num_buckets": num_buckets,
-        "timings": timings,
-        "wall_seconds": round(time.time() - t0, 2),
+        "timings": clock.laps,
+        "wall_seconds": round(time.time() - clock.t0, 2),
     }

@@ -244,7 +244,7 @@ def build_dataset(
         h.update(json.dumps([r["rationale_key"], messages, r["text"], int(r["user_id"] in held_out)]).encode())
         ex = Example(int(r["user_id"]), ids, n_prompt, messages, r["text"])
         (evals if ex.user_id in held_out else train).append(ex)
-    h.update(json.dumps([max_length, prompt_version, getattr(tokenizer, "name_or_path", "")]).encode())
+    h.update(json.dumps([max_length, prompt_version]).encode())
 
     stats.update(
         train=len(train), eval=len(evals),

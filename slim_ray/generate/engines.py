@@ -276,6 +276,10 @@ def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
     )
     if on_cpu:
         kwargs["placement_group_config"] = {"bundles": [{"CPU": gen.cpus_per_worker}]}
+    if gen.vllm_env_vars:
+        from slim_ray.runtime import worker_env
+
+        kwargs["runtime_env"] = {"env_vars": {**worker_env(), **gen.vllm_env_vars}}
     processor = build_processor(
         vLLMEngineProcessorConfig(**kwargs),
         preprocess=_VLLMPre(sampling_params(gen), spec.adapter, gen.call_log, run_id, seed),

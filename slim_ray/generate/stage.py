@@ -303,6 +303,36 @@ def _sequence_files(path: str) -> list[str]:
     return files
 
 
+def read_sequence_batches(paths: pa.Table):
+    """Stream (user_id, item_ids) of Parquet files in batches of 1024 rows.
+
+    A plain generator task instead of ``read_parquet``: in Ray 2.60 its file-listing task always
+    reserves a whole CPU, which deadlocks a 2-core node whose CPUs the engine actors hold."""
+    for path in paths["path"].to_pylist():
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["user_id", "item_ids"]):
+            yield pa.Table.from_batches([rb])
+
+
+def small_blocks(ds, rows: int):
+    """``ds.repartition(target_num_rows_per_block=rows)`` (streaming), but as a zero-CPU operator.
+
+    The public call schedules its split tasks with 1 CPU each; on a 2-core node whose CPUs the
+    engine actors hold they never start and the job waits forever. Ray 2.60 exposes the
+    operator's remote args only on the logical operator, so it is built here directly."""
+    import ray.data
+
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+        op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
+                                  ray_remote_args={"num_cpus": 0})
+        return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+    except Exception as e:  # another Ray version: the public API (needs a free CPU)
+        logger.warning("zero-CPU repartition unavailable (%s); using Dataset.repartition", e)
+        return ds.repartition(target_num_rows_per_block=rows)
+
+
 def select_users(files: list[str], num_users: Optional[int], seed: int) -> tuple[Optional[np.ndarray], int]:
     """(the teacher's seeded sample or None for everyone, number of selected users).
 
@@ -367,7 +397,8 @@ def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     import ray.data
 
     tally = _tally_cls().remote()
-    ds = ray.data.read_parquet(seq_files, columns=["user_id", "item_ids"], num_cpus=0)
+    ds = ray.data.from_items([{"path": f} for f in seq_files], override_num_blocks=len(seq_files))
+    ds = ds.map_batches(read_sequence_batches, batch_size=1, batch_format="pyarrow", num_cpus=0)
     ds = ds.map_batches(
         PromptStage,
         fn_constructor_kwargs=dict(
@@ -380,7 +411,7 @@ def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     )
     # One block per engine batch: an engine task turns its whole input block into one output
     # block, so without this a 1024-user prompt block would be written only when all of it is done.
-    ds = ds.repartition(target_num_rows_per_block=gen.batch_size)
+    ds = small_blocks(ds, gen.batch_size)
     ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, run_id)
     ds = ds.map_batches(
         write_batch,

@@ -98,20 +98,24 @@ class SeqRec(nn.Module):
             vec = torch.where(self.user_has_text[users][:, None], vec, self.no_rationale[None])
         return self.g_l(vec)
 
-    def user_vectors(self, seq: torch.Tensor, lens: torch.Tensor, users: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """[B, L, d] (all-position backbones) or [B, d] (SR-GNN): user vector after each position."""
+    def user_vectors(self, seq: torch.Tensor, lens: torch.Tensor, users: Optional[torch.Tensor], table: torch.Tensor,
+                     rationale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, L, d] (all-position backbones) or [B, d] (SR-GNN): user vector after each position.
+
+        ``rationale`` [B, D] (text vectors) replaces the stored vectors of ``users``: this is how a
+        user unseen in training (e.g. a serving request) is scored."""
         emb = table[seq] * (seq > 0)[..., None].to(table.dtype)
         h = self.backbone(emb, seq, lens)
         if self.uses_rationales:
-            r = self.rationale(users)
+            r = self.g_l(rationale) if rationale is not None else self.rationale(users)
             if h.dim() == 3:
                 r = r[:, None].expand(-1, h.shape[1], -1)
             h = self.g_f(torch.cat([r, h], -1))
         return h
 
-    def last_user_vectors(self, seq, lens, users, table) -> torch.Tensor:
+    def last_user_vectors(self, seq, lens, users, table, rationale=None) -> torch.Tensor:
         """[B, d]: the user vector after the last real position (what is scored at evaluation)."""
-        h = self.user_vectors(seq, lens, users, table)
+        h = self.user_vectors(seq, lens, users, table, rationale)
         if h.dim() == 3:
             h = h[torch.arange(len(lens), device=h.device), lens - 1]
         return h

@@ -71,8 +71,11 @@ def start(cfg) -> str:
 
 def stop(cfg) -> None:
     """Remove the application and stop Serve (only Serve, in the Ray this process is connected to)."""
+    import ray
     from ray import serve
 
+    if not ray.is_initialized():
+        return
     try:
         serve.delete(cfg.serve.app_name)
     finally:
@@ -95,11 +98,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"slim-ray serve: {e}", file=sys.stderr)
         return 2
-    url = start(cfg)
-    print(f"[slim-ray serve] {url}/recommend ready (Ctrl-C stops)", flush=True)
-    done = threading.Event()
+    # SIGINT/SIGTERM stop the server cleanly, also during start-up (a shell's background job
+    # inherits SIGINT as ignored; installing the handlers here takes that back).
+    done, started = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame):
+        if not started.is_set():
+            raise KeyboardInterrupt
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    stop(cfg)
+        signal.signal(sig, on_signal)
+    try:
+        url = start(cfg)
+        started.set()
+        print(f"[slim-ray serve] {url}/recommend ready (Ctrl-C stops)", flush=True)
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("[slim-ray serve] stopping", flush=True)
+        try:
+            stop(cfg)
+        except Exception as e:  # Serve may not have started
+            logger.warning("stopping Serve: %s", e)
+        from slim_ray.runtime import shutdown_ray
+
+        shutdown_ray()
     return 0

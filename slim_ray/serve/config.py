@@ -40,8 +40,35 @@ class AutoscalingConfig(StageConfig):
         }
 
 
-def _scaling(**kw) -> AutoscalingConfig:
-    return AutoscalingConfig(**kw)
+# One subclass per deployment, so that a partial override (--set serve.encoder_scaling.max_replicas=4)
+# keeps that deployment's other defaults. The default CPU reservations add up to 1.85: one replica
+# of each fits a 2-core machine.
+class IngressScaling(AutoscalingConfig):
+    """HTTP ingress: light, many requests in flight per replica."""
+
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests in flight per replica that autoscaling aims at.")
+    num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per replica.")
+
+
+class EncoderScaling(AutoscalingConfig):
+    """Encoder: batched, so several requests in flight per replica fill a batch."""
+
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests in flight per replica that autoscaling aims at.")
+
+
+class RecommenderScaling(AutoscalingConfig):
+    """Recommender: one matrix-vector product per request."""
+
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Requests in flight per replica that autoscaling aims at.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per replica.")
+
+
+class ReasonerScaling(AutoscalingConfig):
+    """Student LLM: a request holds a replica for seconds; few, heavy replicas."""
+
+    max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(1.0, gt=0, description="Requests in flight per replica that autoscaling aims at.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (also the replica's torch threads).")
 
 
 class ServeConfig(StageConfig):
@@ -81,19 +108,13 @@ class ServeConfig(StageConfig):
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the encoder deployment.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
-    ingress_scaling: AutoscalingConfig = Field(
-        default_factory=lambda: _scaling(num_cpus=0.25, max_replicas=2, target_ongoing_requests=8),
-        description="Autoscaling of the HTTP ingress.",
+    ingress_scaling: IngressScaling = Field(default_factory=IngressScaling, description="Autoscaling of the HTTP ingress.")
+    encoder_scaling: EncoderScaling = Field(
+        default_factory=EncoderScaling, description="Autoscaling of the encoder deployment (batched)."
     )
-    encoder_scaling: AutoscalingConfig = Field(
-        default_factory=lambda: _scaling(num_cpus=0.5, max_replicas=2, target_ongoing_requests=8),
-        description="Autoscaling of the encoder deployment (batched).",
+    recommender_scaling: RecommenderScaling = Field(
+        default_factory=RecommenderScaling, description="Autoscaling of the recommender deployment."
     )
-    recommender_scaling: AutoscalingConfig = Field(
-        default_factory=lambda: _scaling(num_cpus=0.5, max_replicas=2, target_ongoing_requests=4),
-        description="Autoscaling of the recommender deployment.",
-    )
-    reasoner_scaling: AutoscalingConfig = Field(
-        default_factory=lambda: _scaling(num_cpus=1.0, max_replicas=1, target_ongoing_requests=1),
-        description="Autoscaling of the student reasoner (an LLM: few, heavy replicas).",
+    reasoner_scaling: ReasonerScaling = Field(
+        default_factory=ReasonerScaling, description="Autoscaling of the student reasoner (an LLM: few, heavy replicas)."
     )

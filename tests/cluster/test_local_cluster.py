@@ -39,12 +39,12 @@ def _group_alive(pgid: int) -> bool:
 def test_local_cluster_runs_a_submitted_job_and_stops_by_pid(tmp_path):
     state = tmp_path / "cluster.env"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(NUM_CPUS="1", RAY_BIN=RAY)
+    env.update(NUM_CPUS="1", RAY_BIN=RAY, START_TIMEOUT_S="300")
     start = None
-    for attempt in range(2):  # a heavily loaded machine can time a first start out
+    for attempt in range(2):  # retry once when a picked free port was taken before Ray bound it
         start = subprocess.run([os.path.join(ROOT, "cluster", "local_start.sh"), str(state)], env=env,
-                               capture_output=True, text=True, timeout=300)
-        if start.returncode == 0:
+                               capture_output=True, text=True, timeout=420)
+        if start.returncode == 0 or "exited early" not in start.stderr:
             break
     assert start.returncode == 0, start.stderr[-3000:]
     st = _read_state(str(state))

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from slim_ray.data.prepare import leave_one_out, ordered_vocab, prepare_tables
-from slim_ray.data.readers import INTERACTIONS_SCHEMA, ITEM_META_SCHEMA
+from slim_ray.data.readers import INTERACTIONS_SCHEMA, ITEM_META_SCHEMA, BadInputError
 from slim_ray.data.schemas import ITEMS_SCHEMA, SEQUENCES_SCHEMA
 from slim_ray.data.text import clean_text, render_text, split_title_year
 
@@ -123,10 +123,11 @@ def test_max_users_min_rating_and_dedup():
     assert len(seqs_by_key(seqs)["2"]["item_ids"]) == 3 and s1["interactions"] == 10
 
 
-def test_empty_after_kcore_gives_empty_tables():
+def test_empty_after_kcore_is_an_error_naming_the_input():
     rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 3)]
-    items, seqs, summary = prepare_tables(log(rows), None, min_user_count=3, min_item_count=2)
-    assert seqs.num_rows == 0 and items.num_rows == 0 and summary["interactions"] == 0
+    with pytest.raises(BadInputError, match=r"log\.json: no interactions left after k-core "
+                       r"\(min_user_count=3, min_item_count=2, max_users=None\)"):
+        prepare_tables(log(rows), None, min_user_count=3, min_item_count=2, where="log.json")
 
 
 # --------------------------------------------------------------------------- item text
@@ -165,3 +166,13 @@ def test_items_table_from_metadata():
     assert r["m2"]["title"] == "Brand & Co" and r["m2"]["brand"] == "Acme" and r["m2"]["year"] == 2001
     assert r["m3"]["title"] is None and r["m3"]["text"] == "Item m3."
     assert summary["items_without_metadata"] == 1
+
+
+def test_driver_key_set_merges_to_the_distinct_keys():
+    from slim_ray.data.stage import _KeySet
+
+    ks = _KeySet(slack=3)
+    for chunk in (["b", "a", "b"], ["c", "a"], ["d", "b", "c", "e"], ["a"]):
+        ks.add(pa.array(chunk))
+    assert ks.size < 13  # merged on the way
+    assert ordered_vocab(ks.keys()).to_pylist() == ["a", "b", "c", "d", "e"]

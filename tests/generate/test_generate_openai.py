@@ -88,3 +88,11 @@ def test_openai_engine_against_serve_llm(ray_session, tmp_path):
         assert run_teach(cfg)["generated_rows"] == 0  # resumes: nothing left to do
     finally:
         serve_llm.stop()
+
+
+def test_serve_llm_cli_parses_its_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_llm.main(["--help"])
+    assert e.value.code == 0 and "--max-batch-size" in capsys.readouterr().out
+    assert serve_llm.main(["--set", "teacher.no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err

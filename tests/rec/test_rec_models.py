@@ -122,6 +122,12 @@ def test_bce_loss_and_text_mode_scores_unseen_items_and_users(tiny_run):
         model.user_has_text = torch.cat([model.user_has_text, torch.tensor([True])])
         uv = model.last_user_vectors(seq, torch.tensor([3]), torch.tensor([41]), model.item_table())
     assert torch.isfinite(uv @ new_item.T).all()
+    with torch.no_grad():  # ... or with a rationale vector passed in directly (serving)
+        r = torch.randn(1, 8)
+        uv2 = model.last_user_vectors(seq, torch.tensor([3]), None, model.item_table(), rationale=r)
+        model.user_text[41] = r[0]
+        uv3 = model.last_user_vectors(seq, torch.tensor([3]), torch.tensor([41]), model.item_table())
+    assert torch.allclose(uv2, uv3)
 
 
 def test_missing_rationales_error_names_count_and_ids(tiny_run):

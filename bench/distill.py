@@ -1,0 +1,217 @@
+"""Distillation throughput and memory: DDP vs DeepSpeed ZeRO-2 vs ZeRO-3, LoRA and full fine-tune.
+
+SmolLM2-135M-Instruct on the same (student prompt -> teacher rationale) pairs, 2 Ray Train workers
+(1 CPU each), the same number of optimizer steps and the same global batch everywhere; plus the
+single-process Hugging Face ``Trainer`` (all CPUs, same global batch) as the reference. Printed
+side by side in one run:
+
+- tokens/s: non-padding tokens trained per second of the loop, after the first step (steady
+  state), summed over workers;
+- peak RSS per worker (max over workers) and its growth over the process at loop start
+  (model + optimizer + activations; the rest is the Python/torch/Ray baseline).
+
+    .venv/bin/python bench/distill.py [--run-dir runs/shared-ml100k] [--steps 8] [--only lora]
+
+Data: the run's teacher rationales when present, else rationale-shaped text built from the real
+MovieLens-100K histories of the prepared run (``slim-ray prepare`` output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def bench_data(run_dir: str, max_length: int, n: int, seed: int = 0):
+    """Pairs from the run's teacher rationales, or synthetic rationales over real histories."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from slim_ray.assets import resolve_llm
+    from slim_ray.data.io import read_items, read_rationales, read_sequences
+    from slim_ray.data.schemas import RATIONALES_SCHEMA
+    from slim_ray.distill.dataset import build_dataset
+    from slim_ray.layout import RunLayout
+
+    lay = RunLayout(run_dir)
+    tok = AutoTokenizer.from_pretrained(resolve_llm("smollm2-135m-instruct"))
+    items, seqs = read_items(lay.items), read_sequences(lay.sequences)
+    rats = read_rationales(lay.rationales("teacher"))
+    source = "teacher rationales"
+    if rats.num_rows == 0:
+        source = "synthetic rationales over real histories"
+        titles = {r["item_id"]: r for r in items.select(["item_id", "title", "categories"]).to_pylist()}
+        rows = []
+        for r in seqs.slice(0, n).to_pylist():
+            plen = len(r["item_ids"]) - 2
+            last = titles[r["item_ids"][plen - 1]]
+            genre = (last["categories"] or ["Drama"])[0]
+            text = (f"Step 1: The user enjoys {genre} movies such as {last['title']}.\n"
+                    f"Step 2: Recommend {genre} and related genres.\n"
+                    f"Step 3: Recommend well-reviewed {genre} movies similar to {last['title']}.")
+            rows.append({"rationale_key": f"b{r['user_id']}", "user_id": r["user_id"], "role": "teacher",
+                         "model": "bench", "prompt_version": "bench", "prefix_len": plen, "prompt": "",
+                         "text": text, "step1": "", "step2": "", "step3": "", "n_prompt_tokens": 0,
+                         "n_output_tokens": 0, "error": None})
+        rats = pa.Table.from_pylist(rows, schema=RATIONALES_SCHEMA)
+    from slim_ray.prompts import load_template, DEFAULT_TEMPLATE, student_messages
+
+    def p_prime(history):  # the student prompt with the 10 most recent movies
+        return student_messages(history, item_noun="movies", category_label="genres", max_items=10)
+
+    data = build_dataset(rats, seqs, items, tok, max_length=max_length, eval_fraction=0.0,
+                         min_eval_users=0, seed=seed, max_samples=n,
+                         prompt_builder=(p_prime, load_template(DEFAULT_TEMPLATE["student"]).version))
+    return data, tok, source
+
+
+def ray_run(name: str, overrides: dict, data, pad_id: int, steps: int, storage: str) -> dict:
+    import ray
+
+    from slim_ray.distill.config import DistillConfig
+    from slim_ray.distill.train import build_trainer
+
+    d = DistillConfig(num_workers=2, batch_size=2, grad_accum=1, max_steps=steps, checkpoint_every=10**6,
+                      max_failures=0, **overrides)
+    t0 = time.time()
+    trainer = build_trainer(d, seed=0, data_ref=ray.put({"train": data.train, "eval": []}), pad_id=pad_id,
+                            storage_path=storage, run_name=f"bench-{name}-{uuid.uuid4().hex[:6]}",
+                            save_final=False)
+    m = trainer.fit().metrics
+    m["wall_s"] = time.time() - t0
+    return m
+
+
+def hf_child(method: str, steps: int, path: str) -> None:
+    """Runs in a fresh process: HF Trainer, 1 process, batch 4 (= 2 workers x 2), bf16 autocast."""
+    import pickle
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    from slim_ray.assets import resolve_llm
+    from slim_ray.distill.dataset import collate
+    from slim_ray.distill.train import PeakMemory, build_model
+
+    with open(path, "rb") as f:
+        payload = pickle.load(f)
+    examples, pad_id = payload["train"], payload["pad_id"]
+    torch.set_num_threads(2)
+    mem = PeakMemory().start()
+    d = {"method": method, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    model, _ = build_model(resolve_llm("smollm2-135m-instruct"), d)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(examples)
+
+        def __getitem__(self, i):
+            return examples[i]
+
+    tokens = []
+
+    def collator(batch):
+        out = collate(batch, pad_id)
+        tokens.append(int(out["attention_mask"].sum()))
+        return out
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hfbench_"), per_device_train_batch_size=4, max_steps=steps,
+        learning_rate=2e-4, bf16=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0,
+    )
+    times = []
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.time())
+
+    trainer = Trainer(model=model, args=args, train_dataset=DS(), data_collator=collator, callbacks=[Clock()])
+    t0 = time.time()
+    trainer.train()
+    mem.stop()
+    steady = sum(tokens[1:len(times)]) / max(times[-1] - times[0], 1e-9) if len(times) > 1 else None
+    print("HFRESULT " + json.dumps({
+        "tokens_per_s_steady": steady, "tokens_per_s": sum(tokens[:len(times)]) / (time.time() - t0),
+        "peak_rss_mb_max": mem.peak_mb, "rss_base_mb": mem.base / 2**20, "world_size": 1,
+    }), flush=True)
+
+
+def hf_run(method: str, data, pad_id: int, steps: int) -> dict:
+    import pickle
+
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
+        pickle.dump({"train": data.train, "pad_id": pad_id}, f)
+    t0 = time.time()
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", method,
+                          "--steps", str(steps), "--payload", f.name],
+                         capture_output=True, text=True, env=env)
+    os.unlink(f.name)
+    for line in out.stdout.splitlines():
+        if line.startswith("HFRESULT "):
+            m = json.loads(line[len("HFRESULT "):])
+            m["wall_s"] = time.time() - t0
+            return m
+    raise RuntimeError(f"HF Trainer child failed:\n{out.stderr[-3000:]}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/shared-ml100k")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--only", choices=["lora", "full"], default=None)
+    p.add_argument("--hf-child", choices=["lora", "full"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--payload", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.hf_child:
+        hf_child(a.hf_child, a.steps, a.payload)
+        return 0
+
+    from slim_ray.runtime import RayConfig, init_ray
+
+    data, tok, source = bench_data(a.run_dir, a.max_length, a.samples)
+    print(f"data: {len(data.train)} pairs ({source}), {data.stats['train_tokens']} tokens, "
+          f"max_length {a.max_length}; {a.steps} steps x global batch 4", flush=True)
+    init_ray(RayConfig(num_cpus=2))
+    storage = tempfile.mkdtemp(prefix="bench_distill_")
+    setups = [("ddp", {"strategy": "ddp"}), ("zero2", {"zero_stage": 2}), ("zero3", {"zero_stage": 3})]
+    rows = []
+    for method in ["lora", "full"]:
+        if a.only and method != a.only:
+            continue
+        for name, ov in setups:
+            print(f"-- {method} {name}", flush=True)
+            m = ray_run(f"{method}-{name}", {"method": method, **ov}, data, tok.pad_token_id, a.steps, storage)
+            rows.append((method, f"{name} (2 workers)", m))
+        print(f"-- {method} HF Trainer", flush=True)
+        rows.append((method, "HF Trainer (1 process)", hf_run(method, data, tok.pad_token_id, a.steps)))
+
+    print()
+    print(f"| method | setup | tokens/s | x HF Trainer | peak RSS/worker MiB | growth MiB | wall s |")
+    print(f"|---|---|---:|---:|---:|---:|---:|")
+    for method, setup, m in rows:
+        ref = next(r for mm, s, r in rows if mm == method and s.startswith("HF"))
+        tps = m.get("tokens_per_s_steady") or m.get("tokens_per_s")
+        rtps = ref.get("tokens_per_s_steady") or ref.get("tokens_per_s")
+        print(f"| {method} | {setup} | {tps:.0f} | {tps / rtps:.2f} | {m['peak_rss_mb_max']:.0f} | "
+              f"{m['peak_rss_mb_max'] - m['rss_base_mb']:.0f} | {m['wall_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
