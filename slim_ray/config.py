@@ -12,7 +12,7 @@ import os
 from typing import Any, Iterable, Optional
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from slim_ray.configbase import StageConfig
 from slim_ray.data.config import PrepareConfig, SynthConfig
@@ -54,6 +54,16 @@ class PipelineConfig(StageConfig):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _student_section_defaults(cls, data: Any) -> Any:
+        """A partial ``student:`` section (YAML or --set) keeps the student's defaults (role
+        student, model distilled, every user) instead of GenerateConfig's teacher defaults."""
+        if isinstance(data, dict) and isinstance(data.get("student"), dict):
+            student = {"role": "student", "model": "distilled", "num_users": None, **data["student"]}
+            data = {**data, "student": student}
+        return data
 
     @property
     def layout(self) -> RunLayout:

@@ -218,8 +218,6 @@ def format_table(metrics: dict[str, Any], cols=("ndcg@10", "hr@10", "hr@20")) ->
         for var, e in variants.items():
             cells = [f"{100 * e['mean'][p][c]:.2f} ± {100 * e['std'][p][c]:.2f}" for p in prots for c in cols]
             lines.append(f"| {bb} | {var} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
-    for p in prots:
-        pass
     rr = metrics.get("random") or {}
     if rr:
         cells = [f"{100 * rr[p][c]:.2f}" if p in rr else "" for p in prots for c in cols]

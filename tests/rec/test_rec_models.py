@@ -122,6 +122,7 @@ def test_bce_loss_and_text_mode_scores_unseen_items_and_users(tiny_run):
         model.user_has_text = torch.cat([model.user_has_text, torch.tensor([True])])
         uv = model.last_user_vectors(seq, torch.tensor([3]), torch.tensor([41]), model.item_table())
     assert torch.isfinite(uv @ new_item.T).all()
+    model.eval()
     with torch.no_grad():  # ... or with a rationale vector passed in directly (serving)
         r = torch.randn(1, 8)
         uv2 = model.last_user_vectors(seq, torch.tensor([3]), None, model.item_table(), rationale=r)
