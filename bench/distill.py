@@ -90,7 +90,7 @@ def ray_run(name: str, overrides: dict, data, pad_id: int, steps: int, storage: 
     return m
 
 
-def hf_child(method: str, steps: int, path: str) -> None:
+def hf_child(method: str, steps: int, path: str, threads: int) -> None:
     """Runs in a fresh process: HF Trainer, 1 process, batch 4 (= 2 workers x 2), bf16 autocast."""
     import pickle
 
@@ -105,7 +105,7 @@ def hf_child(method: str, steps: int, path: str) -> None:
     with open(path, "rb") as f:
         payload = pickle.load(f)
     examples, pad_id = payload["train"], payload["pad_id"]
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     mem = PeakMemory().start()
     d = {"method": method, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
          "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -149,7 +149,7 @@ def hf_child(method: str, steps: int, path: str) -> None:
     }), flush=True)
 
 
-def hf_run(method: str, data, pad_id: int, steps: int) -> dict:
+def hf_run(method: str, data, pad_id: int, steps: int, threads: int = 2) -> dict:
     import pickle
 
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
@@ -157,7 +157,7 @@ def hf_run(method: str, data, pad_id: int, steps: int) -> dict:
     t0 = time.time()
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", method,
-                          "--steps", str(steps), "--payload", f.name],
+                          "--steps", str(steps), "--payload", f.name, "--hf-threads", str(threads)],
                          capture_output=True, text=True, env=env)
     os.unlink(f.name)
     for line in out.stdout.splitlines():
@@ -175,11 +175,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--only", choices=["lora", "full"], default=None)
+    p.add_argument("--hf-threads", type=int, default=2, help="torch threads of the HF Trainer process "
+                   "(default 2 = the CPUs the 2 Ray workers get together)")
     p.add_argument("--hf-child", choices=["lora", "full"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--payload", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.hf_child:
-        hf_child(a.hf_child, a.steps, a.payload)
+        hf_child(a.hf_child, a.steps, a.payload, a.hf_threads)
         return 0
 
     from slim_ray.runtime import RayConfig, init_ray
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
             m = ray_run(f"{method}-{name}", {"method": method, **ov}, data, tok.pad_token_id, a.steps, storage)
             rows.append((method, f"{name} (2 workers)", m))
         print(f"-- {method} HF Trainer", flush=True)
-        rows.append((method, "HF Trainer (1 process)", hf_run(method, data, tok.pad_token_id, a.steps)))
+        rows.append((method, f"HF Trainer (1 process, {a.hf_threads} threads)", hf_run(method, data, tok.pad_token_id, a.steps, a.hf_threads)))
 
     print()
     print(f"| method | setup | tokens/s | x HF Trainer | peak RSS/worker MiB | growth MiB | wall s |")

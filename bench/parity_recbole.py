@@ -88,7 +88,7 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
     from recbole.data import create_dataset, data_preparation
     from recbole.model.sequential_recommender import SASRec
     from recbole.trainer import Trainer
-    from recbole.utils import init_seed
+    from recbole.utils import init_logger, init_seed
 
     torch.set_num_threads(int(os.environ.get("PARITY_THREADS", "2")))
     cfg = {
@@ -101,6 +101,7 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
         "checkpoint_dir": os.path.join(data_dir, f"saved-{seed}"), "log_wandb": False, "worker": 0, **RECBOLE,
     }
     config = Config(model="SASRec", config_dict=cfg)
+    init_logger(config)  # RecBole's own per-epoch log (stdout + ./log/ under the work dir)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train, valid, test = data_preparation(config, dataset)

@@ -42,6 +42,7 @@ class TreeMemory(threading.Thread):
         self.pid, self.every = pid, every
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
+        self.cpu: dict[int, float] = {}  # pid -> last seen user+system seconds
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -57,6 +58,8 @@ class TreeMemory(threading.Thread):
                     mi = p.memory_full_info()
                     rss += mi.rss
                     pss += getattr(mi, "pss", mi.rss)
+                    ct = p.cpu_times()
+                    self.cpu[p.pid] = ct.user + ct.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
@@ -82,7 +85,8 @@ def run_child(argv: list[str], log_path: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"child {argv[:2]} failed (exit {proc.returncode}); see {log_path}")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(wall=wall, peak_rss=mon.peak_rss, peak_pss=mon.peak_pss, processes=mon.peak_procs)
+    result.update(wall=wall, peak_rss=mon.peak_rss, peak_pss=mon.peak_pss, processes=mon.peak_procs,
+                  cpu_seconds=round(sum(mon.cpu.values()), 1))
     return result
 
 
@@ -193,7 +197,8 @@ def main() -> int:
         r = run_child(["--child", name, "--out", out] + common, os.path.join(args.work, f"{name}.log"))
         r["rows"] = r["raw"]["interactions"]
         results[name] = r
-        print(f"[bench]   {r['wall']:.1f}s, {r['rows'] / r['wall']:,.0f} rows/s, peak RSS {_mib(r['peak_rss'])}, "
+        print(f"[bench]   {r['wall']:.1f}s, {r['rows'] / r['wall']:,.0f} rows/s, {r['cpu_seconds']:.0f} CPU-s, "
+              f"peak RSS {_mib(r['peak_rss'])}, "
               f"peak PSS {_mib(r['peak_pss'])} ({r['processes']} processes); timings {r.get('timings')}", flush=True)
 
     same = None
@@ -213,14 +218,15 @@ def main() -> int:
           f"({args.data}); after {args.min_count}-core: {r['users']:,} users, {r['items']:,} items, "
           f"{r['interactions']:,} interactions; machine: {os.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, load avg {os.getloadavg()[0]:.1f}")
-    print(f"{'implementation':<30} {'wall s':>8} {'rows/s':>12} {'peak RSS':>12} {'peak PSS':>12}")
+    print(f"{'implementation':<30} {'wall s':>8} {'rows/s':>12} {'CPU s':>8} {'peak RSS':>12} {'peak PSS':>12}")
     for name, label in runs:
         x = results[name]
-        print(f"{label:<30} {x['wall']:>8.1f} {x['rows'] / x['wall']:>12,.0f} {_mib(x['peak_rss']):>12} "
-              f"{_mib(x['peak_pss']):>12}")
+        print(f"{label:<30} {x['wall']:>8.1f} {x['rows'] / x['wall']:>12,.0f} {x['cpu_seconds']:>8.0f} "
+              f"{_mib(x['peak_rss']):>12} {_mib(x['peak_pss']):>12}")
     if "local" in results:
         l = results["local"]
-        print(f"speed-up Ray / single process: {l['wall'] / r['wall']:.2f}x; "
+        print(f"speed-up Ray / single process: {l['wall'] / r['wall']:.2f}x (CPU-seconds ratio "
+              f"{r['cpu_seconds'] / max(l['cpu_seconds'], 1e-9):.2f}); "
               f"peak PSS ratio Ray / single process: {r['peak_pss'] / l['peak_pss']:.2f}; identical outputs: {same}")
     with open(os.path.join(args.work, "results.json"), "w") as f:
         json.dump({"args": vars(args), "synth": synth, "input_bytes": size, "results": results,

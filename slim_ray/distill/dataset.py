@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -253,7 +253,11 @@ def build_dataset(
         eval_target_tokens=sum(e.n_target for e in evals),
     )
     if not train:
-        raise ValueError(f"{source}: no usable teacher rationales for training (stats: {stats})")
+        hint = ""
+        if stats["skipped_too_long"]:
+            hint = (" -- the student prompts alone exceed distill.max_length: raise it, or shorten p' "
+                    "(student.max_history_items / student.prompt_token_budget)")
+        raise ValueError(f"{source}: no usable teacher rationales for training (stats: {stats}){hint}")
     return DistillData(train, evals, stats, h.hexdigest(), prompt_version)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -303,25 +303,3 @@ def consolidate(directory: str) -> dict[str, Any]:
         state = torch.load(ddp, map_location="cpu", weights_only=False)["model"]
         return {k: v.float() for k, v in state.items()}
     return consolidate_deepspeed(directory)
-
-
-def client_state_of(directory: str) -> Optional[dict[str, Any]]:
-    """The client state (step, metrics) stored in a checkpoint folder, without a model."""
-    import glob
-
-    import torch
-
-    ddp = os.path.join(directory, "ddp_state.pt")
-    if os.path.exists(ddp):
-        return torch.load(ddp, map_location="cpu", weights_only=False)["client_state"]
-    files = sorted(glob.glob(os.path.join(directory, DS_TAG, "mp_rank_00_model_states.pt")))
-    if not files:
-        files = sorted(glob.glob(os.path.join(directory, DS_TAG, "*model_states.pt")))
-    if not files:
-        return None
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    skip = {"module", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes",
-            "frozen_param_fragments", "buffer_names", "shared_params", "ds_config", "ds_version",
-            "sparse_tensor_module_names", "skipped_steps", "global_steps", "global_samples",
-            "dp_world_size", "mp_world_size", "data_sampler", "random_ltd", "csr_tensor_module_names"}
-    return {k: v for k, v in state.items() if k not in skip}

@@ -131,7 +131,9 @@ def _folder_digest(path: str) -> str:
 
 
 class EncoderActor:
-    """Ray Data callable class: pyarrow batch (id, text, encode_key) -> (id, encode_key, vector)."""
+    """Ray Data callable class: pyarrow batch with a ``text`` column -> the same batch without
+    ``text``, plus ``vector`` (fixed_size_list<float32>) and ``encode_s`` (each row's share of the
+    encoder time)."""
 
     def __init__(self, path: str, batch_size: int, dtype: str, normalize: bool, device: str,
                  max_seq_length: Optional[int]):
@@ -147,12 +149,6 @@ class EncoderActor:
         vecs = encode_texts(batch.column("text").to_pylist(), self.path, **self.kw)
         dim = vecs.shape[1]
         vector = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)
-        return pa.table(
-            {
-                "id": batch.column("id"),
-                "encode_key": batch.column("encode_key"),
-                "vector": vector,
-                # each row's share of the batch's encoder time: their sum is the pure encode time
-                "encode_s": pa.array([(time.perf_counter() - t0) / max(1, len(vecs))] * len(vecs), pa.float64()),
-            }
-        )
+        # each row's share of the batch's encoder time: their sum is the pure encode time
+        share = pa.array([(time.perf_counter() - t0) / max(1, len(vecs))] * len(vecs), pa.float64())
+        return batch.drop_columns(["text"]).append_column("vector", vector).append_column("encode_s", share)

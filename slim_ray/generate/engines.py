@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -371,7 +370,3 @@ def apply_openai(ds, gen, spec: ModelSpec, seed: int, run_id: str):
 
 
 APPLY = {"hf": apply_hf, "vllm": apply_vllm, "openai": apply_openai}
-
-
-def now() -> float:
-    return time.time()

@@ -1,8 +1,8 @@
 """Split an answer into its three steps and flag the usual failures of small models.
 
 ``parse_answer(text, history_titles)`` returns step1/step2/step3 (None when missing), how many
-steps were found, and the history titles the answer recommends again (searched in step 3, or in
-the whole answer when step 3 is missing). Step headers are matched leniently:
+steps were found, and the history titles the answer recommends again (searched in step 3; in step 2
+when step 3 is missing; in the whole answer only when it has no step headers). Step headers are matched leniently:
 ``Step 1:``, ``**Step 1.**``, ``### Step 1 -``, ``step 2)`` ... An answer without any step header
 is kept whole in ``step1 = None`` and flagged with ``steps_found = 0``; it is never dropped.
 """
@@ -89,5 +89,7 @@ def seen_titles(text: str, history_titles: Sequence[str], min_chars: int = 4) ->
 def parse_answer(text: str, history_titles: Sequence[str] = ()) -> ParsedAnswer:
     s1, s2, s3 = split_steps(text)
     found = sum(s is not None for s in (s1, s2, s3))
-    recs = s3 if s3 is not None else (text or "")
+    # where recommendations are: Step 3; without it Step 2 (Step 1 restates the history, which is
+    # not a recommendation); the whole answer only when it has no step headers at all
+    recs = s3 if s3 is not None else (s2 if s2 is not None else ("" if s1 is not None else (text or "")))
     return ParsedAnswer(s1, s2, s3, found, seen_titles(recs, history_titles))

@@ -7,8 +7,10 @@
 Each deployment is a thin shell around a plain class (``slim_ray.encode.encoder``,
 ``slim_ray.serve.reasoner``, ``slim_ray.serve.recommender``); autoscaling and resources come from
 ``ServeConfig`` when the graph is built (``slim_ray.serve.app.build_app``).
-"""
 
+(No ``from __future__ import annotations`` here: FastAPI reads the request model from the real
+annotation of ``Ingress.recommend``.)
+"""
 
 import time
 from typing import Any, Optional
@@ -25,7 +27,8 @@ class RecommendRequest(BaseModel):
     history: Optional[list[int]] = Field(None, description="Item ids, oldest first (overrides the stored one).")
     rationale: Optional[str] = Field(None, description="A rationale text to use instead of generating one.")
     reason: Optional[bool] = Field(
-        None, description="Generate a rationale with the student (default: when there is no stored one).")
+        None, description="Generate a rationale with the student (default: for a raw history without "
+        "user_id, when the recommender reads rationales).")
     k: Optional[int] = Field(None, ge=1, description="How many items to return.")
 
 
@@ -41,18 +44,20 @@ class EncoderDeployment:
                        batch_size=max_batch_size)
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
+        self.n_batches = self.n_texts = self.max_batch = 0
         encode_texts(["warm up"], **self.kw)  # load the model before the first request
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # the real values: set in __init__
     async def embed(self, texts: list[str]) -> list[Any]:
         from slim_ray.encode.encoder import encode_texts
 
-        self.batch_sizes.append(len(texts))
+        self.n_batches += 1
+        self.n_texts += len(texts)
+        self.max_batch = max(self.max_batch, len(texts))
         return list(encode_texts(texts, **self.kw))
 
     def stats(self) -> dict:
-        return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
+        return {"batches": self.n_batches, "texts": self.n_texts, "max_batch": self.max_batch}
 
 
 @serve.deployment
@@ -178,7 +183,10 @@ class Ingress:
                 timings["encode_ms"] = round(1000 * (time.perf_counter() - t), 1)
 
         t = time.perf_counter()
-        items = await self.recommender.recommend.remote(history, k, user_vec)
+        try:
+            items = await self.recommender.recommend.remote(history, k, user_vec)
+        except ValueError as e:  # e.g. a rationale vector of the wrong width; Ray keeps the type
+            raise HTTPException(400, str(e).strip().splitlines()[-1]) from None
         timings["recommend_ms"] = round(1000 * (time.perf_counter() - t), 1)
         timings["total_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         return {"user_id": req.user_id, "path": path, "history_len": len(history),

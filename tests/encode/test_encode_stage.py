@@ -92,6 +92,7 @@ def test_run_encode_contract_resume_and_dedup(ray_session, run_cfg):
     assert any("student" in n and "skipped" in n for n in res["notes"])
     assert not os.path.exists(lay.user_embeddings("student"))
     assert res["encoder"] == "sentence-transformers/all-MiniLM-L6-v2" and res["dtype"] == "bfloat16"
+    assert res["job"]["rows"] == 7 and res["job"]["dim"] == 384  # items + rationales: one actor pool
 
     # Contract: types, dims, kinds, one row per id, parts streamed (rows_per_file=3 -> >1 part).
     items = read_table(lay.item_embeddings)
@@ -112,7 +113,7 @@ def test_run_encode_contract_resume_and_dedup(ray_session, run_cfg):
     # Rerun: nothing re-encoded, nothing rewritten.
     before = store.part_files(lay.item_embeddings)
     res = run_encode(run_cfg)
-    assert [res["outputs"][k]["encoded"] for k in ("items", "teacher")] == [0, 0]
+    assert [res["outputs"][k]["encoded"] for k in ("items", "teacher")] == [0, 0] and res["job"] is None
     assert res["outputs"]["items"]["reused"] == 5
     assert store.part_files(lay.item_embeddings) == before
 

@@ -94,5 +94,7 @@ def test_parser_splits_steps_and_flags():
     missing = parse_answer("Step 1: likes action. Step 3: Heat", hist)
     assert missing.steps_found == 2 and missing.step2 is None and not missing.complete
     assert missing.seen_items == ["Heat (1995)"]
+    echo = parse_answer("Step 1: The user watched:\n1. Heat (1995)\n2. Toy Story (1995)", hist)
+    assert echo.steps_found == 1 and echo.seen_items == []  # restating the history is not recommending
     none = parse_answer("I recommend Casablanca.", hist)
     assert none.steps_found == 0 and none.seen_items == []
