@@ -73,8 +73,8 @@ while [ "$(date +%s)" -lt "$DEADLINE" ]; do
   fi
   if "$PY" - "$DASH_PORT" "$AGENT_HTTP_PORT" <<'PY_EOF' 2>/dev/null
 import sys, urllib.request
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=2).read()
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/api/healthz", timeout=2).read()  # job agent
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=10).read()
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/api/healthz", timeout=10).read()  # job agent
 PY_EOF
   then
     echo "local_start: Ray head pid $PID ready; dashboard/jobs http://127.0.0.1:$DASH_PORT, GCS 127.0.0.1:$GCS_PORT; state in $STATE"

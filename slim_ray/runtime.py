@@ -123,6 +123,9 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
     else:
         kwargs["address"] = cfg.address
         kwargs.pop("include_dashboard")
+        # Inside `ray job submit` the job already has a runtime_env; let ours extend it instead
+        # of failing with "Failed to merge the Job's runtime env".
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     kwargs.update(overrides)
     ctx = ray.init(**kwargs)
     _quiet_ray_data()
