@@ -59,7 +59,7 @@ STAGES: dict[str, Stage] = {
             "teacher LLM writes step-by-step rationales for a seeded sample of users",
         ),
         Stage(
-            "distill", "slim_ray.distill.stage:run_distill", ("distill", "seed"),
+            "distill", "slim_ray.distill.stage:run_distill", ("distill", "student", "seed"),
             lambda c: {"teacher_rationales": c.layout.rationales("teacher"), "prepared": c.layout.prepared},
             lambda c: c.layout.distill,
             "LoRA + DeepSpeed ZeRO fine-tune of the student on teacher rationales (Ray Train)",
