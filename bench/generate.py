@@ -92,7 +92,8 @@ def job(a, run: str, engine: str) -> dict:
     dt = time.time() - t0
     tokens = s["output_tokens"]
     after_first = None
-    if s.get("first_row_seconds") and s["generation_seconds"] > s["first_row_seconds"]:
+    if (s.get("first_row_seconds") and s["generation_seconds"] > s["first_row_seconds"]
+            and s["generated_rows"] > 8):  # more than the first batch
         after_first = round(tokens * (1 - 8 / max(s["generated_rows"], 1)) / (s["generation_seconds"] - s["first_row_seconds"]), 2)
     return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 2),
             "tokens_per_s_after_first_part": after_first, "first_part_s": s.get("first_row_seconds"),
