@@ -81,8 +81,8 @@ def results_table(metrics: dict[str, Any], protocol: str) -> str:
                 if b > 0:
                     gain = f"{100 * (e['mean'][protocol]['ndcg@10'] - b) / b:+.1f}% vs {_label(bb, best)}"
                 s = sig.get(bb, {}).get(var, {}).get(protocol)
-                if s and s.get("p_value") is not None:
-                    p = f"{s['p_value']:.3g}"
+                if s and s.get("p_ttest") is not None:
+                    p = f"{s['p_ttest']:.3g}"
             lines.append(f"| {_label(bb, var)} | {len(e['seeds'])} | " + " | ".join(cells) + f" | {gain} | {p} |")
     rnd = (metrics.get("random") or {}).get(protocol)
     if rnd:
@@ -140,7 +140,7 @@ def honest_paragraph(metrics: dict[str, Any], teacher: dict[str, Any], student: 
         b = variants[best]["mean"][prot]["ndcg@10"]
         s = variants["slim:student"]["mean"][prot]["ndcg@10"]
         sig = metrics.get("significance", {}).get(bb, {}).get("slim:student", {}).get(prot, {})
-        p = sig.get("p_value")
+        p = sig.get("p_ttest")
         verdict = "beats" if s > b else "does not beat"
         signif = "" if p is None else (" (significant, p < 0.05)" if p < 0.05 else f" (not significant, p = {p:.2g})")
         out.append(f"With {BACKBONE_LABEL.get(bb, bb)}, SLIM {verdict} the better baseline "
