@@ -59,7 +59,7 @@ def test_changed_input_or_config_reruns(fake_stage, tmp_path):
     stages.run_stage("prepare", cfg)
     fake_stage.write_text("v2")
     assert not stages.run_stage("prepare", cfg)["skipped"]
-    cfg2 = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.source=tabular"])
+    cfg2 = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.min_item_count=7"])
     assert stages.fingerprint("prepare", cfg2) != stages.fingerprint("prepare", cfg)
 
 
