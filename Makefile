@@ -13,8 +13,10 @@ demo: setup
 quick: setup
 	HF_HUB_OFFLINE=1 .venv/bin/slim-ray run --config configs/quick.yaml
 
+# The serving-graph tests start Ray Serve on a Ray of their own, so they run in a second session.
 test: setup
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -rs --durations=15 tests
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -rs --durations=15 tests --ignore=tests/serve/test_serve_graph.py
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -rs tests/serve/test_serve_graph.py
 
 clean:
 	rm -rf runs .pytest_cache
