@@ -492,15 +492,7 @@ def _careful_interactions(spec: TableSpec, task, piece: int, first_line: int, da
     header = spec.headers.get(task["file"])
     idx = {n: k for k, n in enumerate(header)} if header else {}
     row = 0
-    pos = 0
-    for li, raw in enumerate(data.splitlines(keepends=True)):
-        start = pos
-        pos += len(raw)
-        if li == 0 and skip_header:
-            continue
-        line = raw.rstrip(b"\r\n")
-        if not line.strip():
-            continue
+    for li, start, line in _content_lines(data, skip_header):
         try:
             if spec.kind == "json":
                 obj = _json_line(line)
@@ -664,9 +656,9 @@ def parse_item_piece(spec: TableSpec, task: dict[str, Any]) -> Iterator[tuple[pa
         yield pa.table(out, schema=ITEM_META_SCHEMA), {"skipped": bad.count, "examples": bad.examples}
 
 
-def _item_records(spec: TableSpec, task, first_line: int, data: bytes, bad: BadLines):
-    header = spec.headers.get(task["file"])
-    skip_header = spec.kind in ("atomic", "csv") and first_line == 1
+
+def _content_lines(data: bytes, skip_header: bool):
+    """(line index in the piece, byte offset, line without EOL) of every non-blank line."""
     pos = 0
     for li, raw in enumerate(data.splitlines(keepends=True)):
         start = pos
@@ -674,8 +666,13 @@ def _item_records(spec: TableSpec, task, first_line: int, data: bytes, bad: BadL
         if li == 0 and skip_header:
             continue
         line = raw.rstrip(b"\r\n")
-        if not line.strip():
-            continue
+        if line.strip():
+            yield li, start, line
+
+def _item_records(spec: TableSpec, task, first_line: int, data: bytes, bad: BadLines):
+    header = spec.headers.get(task["file"])
+    skip_header = spec.kind in ("atomic", "csv") and first_line == 1
+    for li, start, line in _content_lines(data, skip_header):
         try:
             if spec.kind == "json":
                 rec = _json_line(line)
