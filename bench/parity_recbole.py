@@ -74,7 +74,8 @@ def write_atomic(seq_path: str, out_dir: str, name: str) -> None:
 # --------------------------------------------------------------------------- RecBole side
 
 
-def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: int, out: str) -> None:
+def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: int, out: str,
+                   batch_size: int = RECBOLE["train_batch_size"]) -> None:
     import numpy as np
 
     for old, new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
@@ -99,6 +100,7 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
         "epochs": epochs, "stopping_step": patience, "eval_batch_size": 4096, "seed": seed,
         "reproducibility": True, "device": "cpu", "use_gpu": False, "show_progress": False,
         "checkpoint_dir": os.path.join(data_dir, f"saved-{seed}"), "log_wandb": False, "worker": 0, **RECBOLE,
+        "train_batch_size": batch_size,
     }
     config = Config(model="SASRec", config_dict=cfg)
     init_logger(config)  # RecBole's own per-epoch log (stdout + ./log/ under the work dir)
@@ -109,14 +111,15 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
           f"{len(train.dataset)} training prefixes", flush=True)
     model = SASRec(config, train.dataset).to(config["device"])
     trainer = Trainer(config, model)
-    train_secs = []
+    train_secs, train_cpu = [], []
     inner = trainer._train_epoch
 
-    def timed(*a, **k):
-        t0 = time.time()
+    def timed(*a, **k):  # wall and CPU seconds (the latter does not depend on other load)
+        t0, c0 = time.time(), time.process_time()
         r = inner(*a, **k)
         train_secs.append(time.time() - t0)
-        print(f"[recbole] epoch {len(train_secs) - 1}: {train_secs[-1]:.1f}s", flush=True)
+        train_cpu.append(time.process_time() - c0)
+        print(f"[recbole] epoch {len(train_secs) - 1}: {train_secs[-1]:.1f}s wall, {train_cpu[-1]:.1f} CPU-s", flush=True)
         return r
 
     trainer._train_epoch = timed
@@ -126,6 +129,7 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
         json.dump({"ndcg@10": float(res["ndcg@10"]), "hr@10": float(res["hit@10"]),
                    "best_epoch": len(train_secs) - 1 - int(trainer.cur_step),
                    "epochs": len(train_secs), "epoch_seconds": sum(train_secs) / max(1, len(train_secs)),
+                   "epoch_cpu_seconds": sum(train_cpu) / max(1, len(train_cpu)), "train_batch_size": batch_size,
                    "n_users": int(dataset.user_num - 1), "n_items": int(dataset.item_num - 1)}, f)
 
 
@@ -157,13 +161,16 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--recbole-batch", type=int, default=RECBOLE["train_batch_size"],
+                    help="RecBole's train_batch_size (its default 2048 gives 41 steps per epoch on ML-100K; "
+                    "a smaller one converges in fewer of its ~50x costlier epochs)")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-parity"))
-    ap.add_argument("--recbole-worker", nargs=6, metavar=("DATA", "NAME", "SEED", "EPOCHS", "PATIENCE", "OUT"),
+    ap.add_argument("--recbole-worker", nargs=7, metavar=("DATA", "NAME", "SEED", "EPOCHS", "PATIENCE", "OUT", "BATCH"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.recbole_worker:
-        d, n, s, e, p, o = args.recbole_worker
-        recbole_worker(d, n, int(s), int(e), int(p), o)
+        d, n, s, e, p, o, b = args.recbole_worker
+        recbole_worker(d, n, int(s), int(e), int(p), o, int(b))
         return 0
 
     seq = args.sequences or os.path.join(ROOT, "runs", "shared-ml100k", "prepared", "sequences")
@@ -184,7 +191,8 @@ def main(argv=None) -> int:
         out = os.path.join(args.workdir, f"recbole-s{s}.json")
         t0 = time.time()
         subprocess.run([py, os.path.abspath(__file__), "--recbole-worker", args.workdir, name, str(s),
-                        str(args.epochs), str(args.patience), out], check=True, cwd=args.workdir)
+                        str(args.epochs), str(args.patience), out, str(args.recbole_batch)],
+                       check=True, cwd=args.workdir)
         with open(out) as f:
             theirs[str(s)] = json.load(f)
         print(f"[recbole] seed {s}: {theirs[str(s)]}  ({time.time() - t0:.0f}s)", flush=True)
@@ -206,6 +214,10 @@ def main(argv=None) -> int:
     print(f"{'RecBole 1.2.1 SASRec':22s}{r_ndcg:10.4f}{r_hr:10.4f}{r_ep:10.2f}"
           f"{mean([theirs[str(s)]['epochs'] for s in args.seeds]):10.1f}")
     print(f"{'slim_ray SASRec':22s}{o_ndcg:10.4f}{o_hr:10.4f}{o_ep:10.2f}{'':>10s}")
+    print(f"RecBole CPU-seconds per epoch (load-independent): "
+          f"{mean([theirs[str(s)].get('epoch_cpu_seconds', float('nan')) for s in args.seeds]):.1f}; "
+          f"RecBole batch {theirs[str(args.seeds[0])].get('train_batch_size')}, best epochs "
+          f"{[theirs[str(s)]['best_epoch'] for s in args.seeds]}; ours best epochs {mine['best_epoch']}")
     rel = o_ndcg / r_ndcg - 1
     print(f"\nNDCG@10 ours/RecBole - 1 = {100 * rel:+.1f}% (target within +-5%); "
           f"HR@10 {100 * (o_hr / r_hr - 1):+.1f}%; epoch time ours/RecBole = {o_ep / r_ep:.2f}x "
