@@ -25,8 +25,14 @@ from slim_ray.runtime import RayConfig
 from slim_ray.serve.config import ServeConfig
 
 
+# The student prompt p' names the three steps ("Step 1: ... Step 2: ..."); a repetition penalty
+# over the prompt tokens pushes the distilled student away from the very "Step" token it learned
+# to start with, so the student generates without one.
+STUDENT_DEFAULTS = {"role": "student", "model": "distilled", "num_users": None, "repetition_penalty": 1.0}
+
+
 def _student_generate_defaults() -> GenerateConfig:
-    return GenerateConfig(role="student", model="distilled", num_users=None)
+    return GenerateConfig(**STUDENT_DEFAULTS)
 
 
 class ReportConfig(StageConfig):
@@ -59,9 +65,10 @@ class PipelineConfig(StageConfig):
     @classmethod
     def _student_section_defaults(cls, data: Any) -> Any:
         """A partial ``student:`` section (YAML or --set) keeps the student's defaults (role
-        student, model distilled, every user) instead of GenerateConfig's teacher defaults."""
+        student, model distilled, every user, no repetition penalty) instead of GenerateConfig's
+        teacher defaults."""
         if isinstance(data, dict) and isinstance(data.get("student"), dict):
-            student = {"role": "student", "model": "distilled", "num_users": None, **data["student"]}
+            student = {**STUDENT_DEFAULTS, **data["student"]}
             data = {**data, "student": student}
         return data
 
