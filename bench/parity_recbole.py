@@ -162,8 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recbole-batch", type=int, default=RECBOLE["train_batch_size"],
-                    help="RecBole's train_batch_size (its default 2048 gives 41 steps per epoch on ML-100K; "
-                    "a smaller one converges in fewer of its ~50x costlier epochs)")
+                    help="RecBole's train_batch_size (its default 2048 gives 41 steps per epoch over the 82,626 "
+                    "ML-100K training prefixes; a smaller one takes more steps per epoch, so fewer epochs)")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-parity"))
     ap.add_argument("--recbole-worker", nargs=7, metavar=("DATA", "NAME", "SEED", "EPOCHS", "PATIENCE", "OUT", "BATCH"),
                     help=argparse.SUPPRESS)
