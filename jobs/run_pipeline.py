@@ -44,10 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     from slim_ray.pipeline import run_pipeline
     from slim_ray.runtime import init_ray
 
-    # Inside a job, Ray merges the job's runtime_env (jobs/runtime_env.yaml) with the one init_ray
-    # passes; both set env_vars such as HF_HUB_OFFLINE, which Ray refuses as a conflict unless told
-    # to combine them (init_ray's values win for the keys both set).
-    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     init_ray(cfg.ray)
     print(f"[run_pipeline] joined Ray at {cfg.ray.address}: {ray.cluster_resources()}", flush=True)
     try:

@@ -123,8 +123,9 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
     else:
         kwargs["address"] = cfg.address
         kwargs.pop("include_dashboard")
-        # Inside `ray job submit` the job already has a runtime_env; let ours extend it instead
-        # of failing with "Failed to merge the Job's runtime env".
+        # Inside `ray job submit` the job already has a runtime_env (jobs/runtime_env.yaml); both
+        # set env_vars such as HF_HUB_OFFLINE, which Ray refuses as a conflict ("Failed to merge
+        # the Job's runtime env") unless told to combine them (ours win for the keys both set).
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     kwargs.update(overrides)
     ctx = ray.init(**kwargs)

@@ -656,7 +656,6 @@ def parse_item_piece(spec: TableSpec, task: dict[str, Any]) -> Iterator[tuple[pa
         yield pa.table(out, schema=ITEM_META_SCHEMA), {"skipped": bad.count, "examples": bad.examples}
 
 
-
 def _content_lines(data: bytes, skip_header: bool):
     """(line index in the piece, byte offset, line without EOL) of every non-blank line."""
     pos = 0
@@ -668,6 +667,7 @@ def _content_lines(data: bytes, skip_header: bool):
         line = raw.rstrip(b"\r\n")
         if line.strip():
             yield li, start, line
+
 
 def _item_records(spec: TableSpec, task, first_line: int, data: bytes, bad: BadLines):
     header = spec.headers.get(task["file"])

@@ -83,7 +83,8 @@ def run_distill(cfg) -> dict[str, Any]:
 
     samples = []
     if d.num_samples and exported.get("merged"):
-        samples = generate_samples(exported["merged"], data.eval[: d.num_samples], d.sample_max_new_tokens)
+        samples = generate_samples(exported["merged"], data.eval[: d.num_samples], d.sample_max_new_tokens,
+                                   repetition_penalty=cfg.student.repetition_penalty)
     eval_doc = {
         "eval_loss_before": m.get("eval_loss_before"), "eval_loss_after": m.get("eval_loss_after"),
         "eval_ppl_before": perplexity(m.get("eval_loss_before")),
