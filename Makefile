@@ -1,16 +1,20 @@
 # The two set-up commands of the README:
 #   make demo   runs the whole SLIM pipeline on the embedded default (configs/demo.yaml)
 #   make test   runs the test suite
-# Both create the environments they need first (scripts/setup.sh).
-.PHONY: setup demo quick test bench clean
+# Both create the environments they need first (scripts/setup.sh): the demo only .venv (its
+# engines are hf), the tests also .venv-vllm (the vllm engine's tests).
+.PHONY: setup setup-main demo quick test bench clean
 
 setup:
 	scripts/setup.sh all
 
-demo: setup
+setup-main:
+	scripts/setup.sh
+
+demo: setup-main
 	HF_HUB_OFFLINE=1 .venv/bin/slim-ray run --config configs/demo.yaml
 
-quick: setup
+quick: setup-main
 	HF_HUB_OFFLINE=1 .venv/bin/slim-ray run --config configs/quick.yaml
 
 # The serving-graph tests start Ray Serve on a Ray of their own, so they run in a second session.
