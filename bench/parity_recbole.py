@@ -10,7 +10,7 @@ What is compared, side by side in one run:
   the test target, best epoch by valid NDCG@10 (early stopping);
 - the same model settings: RecBole's SASRec defaults (2 blocks, 2 heads, hidden 64, inner 256,
   dropout 0.5, max length 50, CE loss over all items, Adam 1e-3). RecBole trains on every prefix
-  (batch 2048, its default); ours on windows with a loss at every position (batch 128).
+  (batch 2048, its default); ours on windows with a loss at every position (batch 64, the SASRec YAML default).
 
 RecBole 1.2.1 is installed in the main venv with --no-deps; it also needs colorlog, colorama,
 texttable and tensorboard, which this script installs into its own venv (.cache/venv-recbole,
@@ -123,6 +123,18 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
         return r
 
     trainer._train_epoch = timed
+    valid_history: list[float] = []
+    inner_valid = trainer._valid_epoch
+
+    def recorded(*a, **k):  # the learning curve, also written after every epoch (a cut run keeps it)
+        score, result = inner_valid(*a, **k)
+        valid_history.append(float(score))
+        with open(out + ".partial", "w") as f:
+            json.dump({"valid_ndcg@10_history": valid_history, "epoch_seconds": train_secs,
+                       "epoch_cpu_seconds": train_cpu}, f)
+        return score, result
+
+    trainer._valid_epoch = recorded
     trainer.fit(train, valid, saved=True, show_progress=False)
     res = trainer.evaluate(test, load_best_model=True, show_progress=False)
     with open(out, "w") as f:
@@ -130,6 +142,7 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
                    "best_epoch": len(train_secs) - 1 - int(trainer.cur_step),
                    "epochs": len(train_secs), "epoch_seconds": sum(train_secs) / max(1, len(train_secs)),
                    "epoch_cpu_seconds": sum(train_cpu) / max(1, len(train_cpu)), "train_batch_size": batch_size,
+                   "valid_ndcg@10_history": valid_history,
                    "n_users": int(dataset.user_num - 1), "n_items": int(dataset.item_num - 1)}, f)
 
 
@@ -150,8 +163,13 @@ def ours(run_dir: str, seeds: list[int], epochs: int, patience: int) -> dict:
     m = run_evaluate(cfg)
     with open(os.path.join(cfg.layout.eval, "metrics.json")) as f:
         e = json.load(f)["results"]["sasrec"]["id"]
+    history = {}
+    for s in seeds:
+        with open(os.path.join(cfg.layout.rec_run("sasrec", "id", s, None), "meta.json")) as f:
+            history[str(s)] = [h["valid_ndcg@10"] for h in json.load(f)["history"]]
     return {"per_seed": {s: e["per_seed"][s]["full"] for s in e["per_seed"]},
-            "epoch_seconds": e["mean_epoch_seconds"], "best_epoch": e["best_epoch"]}
+            "epoch_seconds": e["mean_epoch_seconds"], "best_epoch": e["best_epoch"],
+            "valid_ndcg@10_history": history}
 
 
 def main(argv=None) -> int:
@@ -161,6 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--recbole-seeds", type=int, nargs="+", default=None,
+                    help="seeds of the RecBole side (default: --seeds); one RecBole epoch trains every prefix, "
+                    "about 4 min on 2 cores")
     ap.add_argument("--recbole-batch", type=int, default=RECBOLE["train_batch_size"],
                     help="RecBole's train_batch_size (its default 2048 gives 41 steps per epoch over the 82,626 "
                     "ML-100K training prefixes; a smaller one takes more steps per epoch, so fewer epochs)")
@@ -186,8 +207,9 @@ def main(argv=None) -> int:
     name = "ml100k_loo"
     write_atomic(seq, args.workdir, name)
 
+    recbole_seeds = args.recbole_seeds or args.seeds
     theirs = {}
-    for s in args.seeds:
+    for s in recbole_seeds:
         out = os.path.join(args.workdir, f"recbole-s{s}.json")
         t0 = time.time()
         subprocess.run([py, os.path.abspath(__file__), "--recbole-worker", args.workdir, name, str(s),
@@ -203,21 +225,28 @@ def main(argv=None) -> int:
     def mean(xs):
         return float(np.mean(xs))
 
-    r_ndcg = mean([theirs[str(s)]["ndcg@10"] for s in args.seeds])
+    r_ndcg = mean([theirs[str(s)]["ndcg@10"] for s in recbole_seeds])
     o_ndcg = mean([mine["per_seed"][str(s)]["ndcg@10"] for s in args.seeds])
-    r_hr = mean([theirs[str(s)]["hr@10"] for s in args.seeds])
+    r_hr = mean([theirs[str(s)]["hr@10"] for s in recbole_seeds])
     o_hr = mean([mine["per_seed"][str(s)]["hr@10"] for s in args.seeds])
-    r_ep = mean([theirs[str(s)]["epoch_seconds"] for s in args.seeds])
+    r_ep = mean([theirs[str(s)]["epoch_seconds"] for s in recbole_seeds])
     o_ep = mean([x for x in mine["epoch_seconds"] if x is not None])
-    print("\nMovieLens-100K, leave-one-out, full ranking, SASRec, seeds", args.seeds)
+    print(f"\nMovieLens-100K, leave-one-out, full ranking, SASRec; RecBole seeds {recbole_seeds}, ours {args.seeds}")
     print(f"{'':22s}{'NDCG@10':>10s}{'HR@10':>10s}{'s/epoch':>10s}{'epochs':>10s}")
     print(f"{'RecBole 1.2.1 SASRec':22s}{r_ndcg:10.4f}{r_hr:10.4f}{r_ep:10.2f}"
-          f"{mean([theirs[str(s)]['epochs'] for s in args.seeds]):10.1f}")
+          f"{mean([theirs[str(s)]['epochs'] for s in recbole_seeds]):10.1f}")
     print(f"{'slim_ray SASRec':22s}{o_ndcg:10.4f}{o_hr:10.4f}{o_ep:10.2f}{'':>10s}")
     print(f"RecBole CPU-seconds per epoch (load-independent): "
-          f"{mean([theirs[str(s)].get('epoch_cpu_seconds', float('nan')) for s in args.seeds]):.1f}; "
-          f"RecBole batch {theirs[str(args.seeds[0])].get('train_batch_size')}, best epochs "
-          f"{[theirs[str(s)]['best_epoch'] for s in args.seeds]}; ours best epochs {mine['best_epoch']}")
+          f"{mean([theirs[str(s)].get('epoch_cpu_seconds', float('nan')) for s in recbole_seeds]):.1f}; "
+          f"RecBole batch {theirs[str(recbole_seeds[0])].get('train_batch_size')}, best epochs "
+          f"{[theirs[str(s)]['best_epoch'] for s in recbole_seeds]}; ours best epochs {mine['best_epoch']}")
+    s0 = str(recbole_seeds[0])
+    if s0 in mine["valid_ndcg@10_history"]:  # learning curves, seed by seed: an epoch is one pass over the
+        theirs_h, ours_h = theirs[s0]["valid_ndcg@10_history"], mine["valid_ndcg@10_history"][s0]  # same targets
+        print(f"\nvalid NDCG@10 (full ranking) after each epoch, seed {s0}:\n{'epoch':>6s}{'RecBole':>10s}{'ours':>10s}")
+        for ep in range(max(len(theirs_h), len(ours_h))):
+            cell = lambda h: f"{h[ep]:10.4f}" if ep < len(h) else f"{'':>10s}"  # noqa: E731
+            print(f"{ep + 1:6d}{cell(theirs_h)}{cell(ours_h)}")
     rel = o_ndcg / r_ndcg - 1
     print(f"\nNDCG@10 ours/RecBole - 1 = {100 * rel:+.1f}% (target within +-5%); "
           f"HR@10 {100 * (o_hr / r_hr - 1):+.1f}%; epoch time ours/RecBole = {o_ep / r_ep:.2f}x "
