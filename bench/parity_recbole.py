@@ -10,7 +10,8 @@ What is compared, side by side in one run:
   the test target, best epoch by valid NDCG@10 (early stopping);
 - the same model settings: RecBole's SASRec defaults (2 blocks, 2 heads, hidden 64, inner 256,
   dropout 0.5, max length 50, CE loss over all items, Adam 1e-3). RecBole trains on every prefix
-  (batch 2048, its default); ours on windows with a loss at every position (batch 64, the SASRec YAML default).
+  (batch 2048, its default); ours on windows with a loss at every position (batch 64, the SASRec
+  YAML default).
 
 RecBole 1.2.1 is installed in the main venv with --no-deps; it also needs colorlog, colorama,
 texttable and tensorboard, which this script installs into its own venv (.cache/venv-recbole,
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--recbole-epochs", type=int, default=None,
+                    help="epoch cap of the RecBole side (default: --epochs)")
     ap.add_argument("--recbole-seeds", type=int, nargs="+", default=None,
                     help="seeds of the RecBole side (default: --seeds); one RecBole epoch trains every prefix, "
                     "about 4 min on 2 cores")
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
         out = os.path.join(args.workdir, f"recbole-s{s}.json")
         t0 = time.time()
         subprocess.run([py, os.path.abspath(__file__), "--recbole-worker", args.workdir, name, str(s),
-                        str(args.epochs), str(args.patience), out, str(args.recbole_batch)],
+                        str(args.recbole_epochs or args.epochs), str(args.patience), out, str(args.recbole_batch)],
                        check=True, cwd=args.workdir)
         with open(out) as f:
             theirs[str(s)] = json.load(f)
