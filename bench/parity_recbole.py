@@ -1,6 +1,7 @@
 """Peer parity: RecBole's own SASRec vs ours on MovieLens-100K, same split, full ranking.
 
     .venv/bin/python bench/parity_recbole.py [--epochs 200] [--patience 10] [--seeds 0 1 2]
+        [--recbole-seeds 0] [--recbole-epochs 14] [--recbole-batch 256]
 
 What is compared, side by side in one run:
 - the same leave-one-out split: our ``sequences`` (time order, ties by file row) are written as a
