@@ -142,7 +142,8 @@ def honest_paragraph(metrics: dict[str, Any], teacher: dict[str, Any], student: 
         sig = metrics.get("significance", {}).get(bb, {}).get("slim:student", {}).get(prot, {})
         p = sig.get("p_ttest")
         verdict = "beats" if s > b else "does not beat"
-        signif = "" if p is None else (" (significant, p < 0.05)" if p < 0.05 else f" (not significant, p = {p:.2g})")
+        signif = "" if p is None else (f" (the difference is significant, paired t-test p = {p:.2g})" if p < 0.05
+                                       else f" (the difference is not significant, paired t-test p = {p:.2g})")
         out.append(f"With {BACKBONE_LABEL.get(bb, bb)}, SLIM {verdict} the better baseline "
                    f"({_label(bb, best)}) on {prot} NDCG@10: {100 * s:.2f} vs {100 * b:.2f}{signif}.")
     t_out = (teacher.get("output") or {})
