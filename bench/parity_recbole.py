@@ -174,6 +174,27 @@ def ours(run_dir: str, seeds: list[int], epochs: int, patience: int) -> dict:
             "valid_ndcg@10_history": history}
 
 
+def load_recbole(out: str) -> dict:
+    """A finished RecBole result, or the learning curve of a run that was stopped (``cut``)."""
+    if os.path.exists(out):
+        with open(out) as f:
+            return json.load(f)
+    with open(out + ".partial") as f:
+        part = json.load(f)
+    return {**part, "cut": True, "epochs": len(part["valid_ndcg@10_history"])}
+
+
+def print_curves(theirs_seed: dict, mine: dict, seed: str) -> None:
+    """Valid NDCG@10 after each epoch, side by side (an epoch: one pass over the same targets)."""
+    if seed not in mine["valid_ndcg@10_history"]:
+        return
+    theirs_h, ours_h = theirs_seed["valid_ndcg@10_history"], mine["valid_ndcg@10_history"][seed]
+    print(f"\nvalid NDCG@10 (full ranking) after each epoch, seed {seed}:\n{'epoch':>6s}{'RecBole':>10s}{'ours':>10s}")
+    for ep in range(max(len(theirs_h), len(ours_h))):
+        cell = lambda h: f"{h[ep]:10.4f}" if ep < len(h) else f"{'':>10s}"  # noqa: E731
+        print(f"{ep + 1:6d}{cell(theirs_h)}{cell(ours_h)}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences", default=None, help="sequences contract (default: build from the packaged ML-100K "
@@ -189,6 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recbole-batch", type=int, default=RECBOLE["train_batch_size"],
                     help="RecBole's train_batch_size (its default 2048 gives 41 steps per epoch over the 82,626 "
                     "ML-100K training prefixes; a smaller one takes more steps per epoch, so fewer epochs)")
+    ap.add_argument("--reuse-recbole", action="store_true",
+                    help="use RecBole results already in --workdir, including the curve of a run that was "
+                    "stopped (recbole-s<seed>.json.partial), instead of training RecBole again")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-parity"))
     ap.add_argument("--recbole-worker", nargs=7, metavar=("DATA", "NAME", "SEED", "EPOCHS", "PATIENCE", "OUT", "BATCH"),
                     help=argparse.SUPPRESS)
@@ -215,6 +239,9 @@ def main(argv=None) -> int:
     theirs = {}
     for s in recbole_seeds:
         out = os.path.join(args.workdir, f"recbole-s{s}.json")
+        if args.reuse_recbole and (os.path.exists(out) or os.path.exists(out + ".partial")):
+            theirs[str(s)] = load_recbole(out)
+            continue
         t0 = time.time()
         subprocess.run([py, os.path.abspath(__file__), "--recbole-worker", args.workdir, name, str(s),
                         str(args.recbole_epochs or args.epochs), str(args.patience), out, str(args.recbole_batch)],
@@ -223,6 +250,14 @@ def main(argv=None) -> int:
             theirs[str(s)] = json.load(f)
         print(f"[recbole] seed {s}: {theirs[str(s)]}  ({time.time() - t0:.0f}s)", flush=True)
     mine = ours(run_dir, args.seeds, args.epochs, args.patience)
+    cut = [s for s in recbole_seeds if theirs[str(s)].get("cut")]
+    if cut:
+        print_curves(theirs[str(cut[0])], mine, str(cut[0]))
+        print(f"\nRecBole seed(s) {cut} were stopped before early stopping ended them: no test figure to "
+              "compare; the curves above are the comparison (both on the same validation targets).")
+        with open(os.path.join(args.workdir, "parity.json"), "w") as f:
+            json.dump({"recbole": theirs, "ours": mine}, f, indent=1)
+        return 0
 
     import numpy as np
 
@@ -244,13 +279,7 @@ def main(argv=None) -> int:
           f"{mean([theirs[str(s)].get('epoch_cpu_seconds', float('nan')) for s in recbole_seeds]):.1f}; "
           f"RecBole batch {theirs[str(recbole_seeds[0])].get('train_batch_size')}, best epochs "
           f"{[theirs[str(s)]['best_epoch'] for s in recbole_seeds]}; ours best epochs {mine['best_epoch']}")
-    s0 = str(recbole_seeds[0])
-    if s0 in mine["valid_ndcg@10_history"]:  # learning curves, seed by seed: an epoch is one pass over the
-        theirs_h, ours_h = theirs[s0]["valid_ndcg@10_history"], mine["valid_ndcg@10_history"][s0]  # same targets
-        print(f"\nvalid NDCG@10 (full ranking) after each epoch, seed {s0}:\n{'epoch':>6s}{'RecBole':>10s}{'ours':>10s}")
-        for ep in range(max(len(theirs_h), len(ours_h))):
-            cell = lambda h: f"{h[ep]:10.4f}" if ep < len(h) else f"{'':>10s}"  # noqa: E731
-            print(f"{ep + 1:6d}{cell(theirs_h)}{cell(ours_h)}")
+    print_curves(theirs[str(recbole_seeds[0])], mine, str(recbole_seeds[0]))
     rel = o_ndcg / r_ndcg - 1
     print(f"\nNDCG@10 ours/RecBole - 1 = {100 * rel:+.1f}% (target within +-5%); "
           f"HR@10 {100 * (o_hr / r_hr - 1):+.1f}%; epoch time ours/RecBole = {o_ep / r_ep:.2f}x "
