@@ -425,18 +425,17 @@ def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, run_id)
     writer_args = dict(out_dir=os.path.abspath(out_dir), role=role, model=spec.model_id, prompt_version=version,
                        engine=gen.engine)
-    rows_per_part = gen.rows_per_file or gen.batch_size
+    part = dict(batch_size=gen.rows_per_file or gen.batch_size, batch_format="pyarrow", num_cpus=0)
     if gen.engine == "hf":
         # After the hf engine's actors, the writer is one long-lived actor, not a task per part:
         # with every CPU held by the engine replicas, Ray starts (and, idle, kills) a fresh worker
         # process for each task, and on two cores those start-ups took ~40 % of a core away from
         # generation. (After a ray.data.llm processor it stays a task: Ray Data fuses it into the
         # processor's last CPU stage, and as an actor that stage would keep the CPU the engine needs.)
-        ds = ds.map_batches(PartWriter, fn_constructor_kwargs=writer_args, batch_size=rows_per_part,
-                            batch_format="pyarrow", num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1))
+        ds = ds.map_batches(PartWriter, fn_constructor_kwargs=writer_args,
+                            compute=ray.data.ActorPoolStrategy(size=1), **part)
     else:
-        ds = ds.map_batches(write_batch, fn_kwargs=writer_args, batch_size=rows_per_part, batch_format="pyarrow",
-                            num_cpus=0)
+        ds = ds.map_batches(write_batch, fn_kwargs=writer_args, **part)
 
     totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0, "complete": 0, "seen": 0}
     t0 = time.time()
