@@ -31,6 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+BATCH = 8  # rows per generate call in (b), (c) and (d); the first part of a stage run is one batch
 VLLM_PY = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 
 
@@ -45,7 +46,7 @@ def make_run(src_run: str, n: int, dst: str) -> None:
 
 def overrides(run: str, a) -> list[str]:
     return [f"run_dir={run}", f"teacher.model={a.model}", "teacher.num_users=null", f"teacher.max_new_tokens={a.tokens}",
-            f"teacher.min_new_tokens={a.tokens}", "teacher.temperature=0", "teacher.batch_size=8",
+            f"teacher.min_new_tokens={a.tokens}", "teacher.temperature=0", f"teacher.batch_size={BATCH}",
             f"teacher.prompt_token_budget={a.budget}", "ray.num_cpus=2", "ray.include_dashboard=false"]
 
 
@@ -64,7 +65,7 @@ def loop(a, run: str) -> dict:
     eng = HFEngine(resolve_model(cfg, cfg.teacher).path, sampling_params(cfg.teacher), threads=2)
     eng.generate(msgs[:1])  # warm-up
     out = {}
-    for name, bs in (("a_naive_batch1", 1), ("b_batched_loop", 8)):
+    for name, bs in (("a_naive_batch1", 1), ("b_batched_loop", BATCH)):
         t0, tokens = time.time(), 0
         for i in range(0, len(msgs), bs):
             tokens += sum(r[2] for r in eng.generate(msgs[i:i + bs]))
@@ -96,8 +97,8 @@ def job(a, run: str, engine: str) -> dict:
     tokens = s["output_tokens"]
     after_first = None
     if (s.get("first_row_seconds") and s["generation_seconds"] > s["first_row_seconds"]
-            and s["generated_rows"] > 8):  # more than the first batch
-        after_first = round(tokens * (1 - 8 / max(s["generated_rows"], 1)) / (s["generation_seconds"] - s["first_row_seconds"]), 2)
+            and s["generated_rows"] > BATCH):  # more than the first batch
+        after_first = round(tokens * (1 - BATCH / max(s["generated_rows"], 1)) / (s["generation_seconds"] - s["first_row_seconds"]), 2)
     return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 2),
             "tokens_per_s_after_first_part": after_first, "first_part_s": s.get("first_row_seconds"),
             "rows": s["generated_rows"]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 # Paper (WWW 2024), Amazon Games, SASRec backbone, sampled-100, in %.
@@ -113,7 +114,7 @@ def cost_table(teacher: dict[str, Any], student: dict[str, Any]) -> str:
         out = s.get("output") or {}
         spr = f"{secs / rows:.2f}" if rows else "—"
         lines.append(
-            f"| {role} | {s.get('model_id') or s.get('model')} | {s.get('engine')} | {rows} | "
+            f"| {role} | {_short_model(s.get('model_id') or s.get('model'))} | {s.get('engine')} | {rows} | "
             f"{s.get('prompt_tokens', 0):,} | {s.get('output_tokens', 0):,} | {spr} | "
             f"{s.get('output_tokens_per_s') or '—'} | {s.get('estimated_cost_usd', 0):.4f} | "
             f"{_pct(out.get('share_all_three_steps'))} | {_pct(out.get('share_recommending_seen_items'))} |"
@@ -121,6 +122,13 @@ def cost_table(teacher: dict[str, Any], student: dict[str, Any]) -> str:
     lines.append(f"| paper | LLaMA2-7B student on 1×A100 / ChatGPT | | | | | "
                  f"{PAPER_COST['student_s_per_rationale_a100']} / {PAPER_COST['chatgpt_s_per_call']} | | | | |")
     return "\n".join(lines)
+
+
+def _short_model(model_id: Optional[str]) -> Optional[str]:
+    """A distilled model's id holds absolute folder paths (for lineage); a table needs the last two parts."""
+    if not model_id:
+        return model_id
+    return re.sub(r"/(?:[^/#@:|]+/)+([^/#@:|]+/[^/#@:|]+)(?=#)", r"…/\1", model_id)
 
 
 def _pct(x: Optional[float]) -> str:

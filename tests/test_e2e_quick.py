@@ -102,5 +102,9 @@ def test_every_variant_beats_random_and_report_written(quick_run):
             assert ndcg > 1.5 * rnd, (bb, v, ndcg, rnd)
     report = open(os.path.join(cfg.layout.report, "report.md")).read()
     assert "Sampled-100" in report and "Full ranking" in report and "SLIM (student rationales)" in report
+    # the cost table names the distilled student by its folder's last parts, not the run's absolute path
+    student_row = next(line for line in report.splitlines() if line.startswith("| student | "))
+    assert student_row.startswith("| student | merged:…/distill/merged#"), student_row
+    assert os.path.abspath(cfg.run_dir) not in student_row, student_row
     for png in ("metrics_sampled.png", "metrics_full.png", "throughput.png"):
         assert os.path.getsize(os.path.join(cfg.layout.report, png)) > 5000
