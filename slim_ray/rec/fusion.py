@@ -80,6 +80,17 @@ class SeqRec(nn.Module):
                 if m.padding_idx is not None:
                     with torch.no_grad():
                         m.weight[m.padding_idx].zero_()
+        std = self.hp.get("linear_init_std")
+        if std is not None:  # RecBole's scheme (initializer_range): N(0, std) weights, zero biases
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=float(std))
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                    nn.init.normal_(m.in_proj_weight, std=float(std))
+                    if m.in_proj_bias is not None:
+                        nn.init.zeros_(m.in_proj_bias)
 
     # ------------------------------------------------------------------ towers
 

@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULTS_DIR = os.path.join(os.path.dirname(__file__), "defaults")
 EXPLICIT = ("epochs", "patience", "loss", "num_negatives", "batch_size", "lr", "max_len", "hidden")
+# rec.params keys every backbone accepts without a YAML default (absent: the behaviour named here)
+OPTIONAL_PARAMS = {
+    "prefixes_per_user": "with train_on=prefixes: every prefix of every user",
+    "linear_init_std": "PyTorch's default initialisation of every linear and attention layer",
+}
+TRAIN_ON = ("all_positions", "prefixes")
 
 
 def backbone_defaults(backbone: str) -> dict[str, Any]:
@@ -48,11 +54,14 @@ def resolve_hparams(rc: RecConfig, backbone: str) -> dict[str, Any]:
         v = getattr(rc, k)
         if v is not None:
             hp[k] = v
-    unknown = sorted(set(rc.params) - set(hp))
+    unknown = sorted(set(rc.params) - set(hp) - set(OPTIONAL_PARAMS))
     if unknown:
         raise ValueError(f"rec.params: unknown key(s) {unknown} for backbone {backbone} "
-                         f"(known: {', '.join(sorted(hp))})")
+                         f"(known: {', '.join(sorted(set(hp) | set(OPTIONAL_PARAMS)))})")
     hp.update(rc.params)
+    if hp["train_on"] not in TRAIN_ON:
+        raise ValueError(f"rec.params.train_on={hp['train_on']!r} for backbone {backbone}: "
+                         f"expected one of {', '.join(TRAIN_ON)}")
     return hp
 
 

@@ -49,6 +49,27 @@ def test_variant_spelling_and_hparam_merge_order():
     bad = load_config(None, ["rec.params={num_headz: 3}"])
     with pytest.raises(ValueError, match="num_headz"):
         resolve_hparams(bad.rec, "sasrec")
+    with pytest.raises(ValueError, match="train_on='prefix'.*all_positions, prefixes"):
+        resolve_hparams(load_config(None, ["rec.params={train_on: prefix}"]).rec, "sasrec")
+    # optional keys without a YAML default: absent by default (existing runs keep their fingerprint)
+    assert "prefixes_per_user" not in hp and "linear_init_std" not in hp
+    hp = resolve_hparams(load_config(None, ["rec.params={train_on: prefixes, prefixes_per_user: null}"]).rec, "sasrec")
+    assert hp["train_on"] == "prefixes" and hp["prefixes_per_user"] is None
+
+
+def test_linear_init_std_replaces_pytorch_defaults():
+    def weights(over):
+        hp = resolve_hparams(load_config(None, over).rec, "sasrec")
+        return dict(SeqRec("sasrec", "id", hp, 100).named_parameters())
+
+    default, recbole = weights([]), weights(["rec.params={linear_init_std: 0.02}"])
+    attn = "backbone.blocks.layers.0.self_attn.in_proj_weight"
+    assert float(default[attn].std()) > 0.06  # PyTorch's xavier-uniform for d=64
+    for name, p in recbole.items():
+        if name.endswith("bias") and "norm" not in name:
+            assert float(p.abs().max()) == 0.0, name
+        elif p.dim() == 2:  # every weight matrix, embeddings included: N(0, 0.02)
+            assert abs(float(p.std()) - 0.02) < 0.002, (name, float(p.std()))
 
 
 def test_session_graph_by_hand():
