@@ -8,7 +8,12 @@ What is compared, side by side in one run:
   RecBole atomic file whose timestamps are the positions 0..n-1, so RecBole's ``LS`` split
   (``valid_and_test``, ``order: TO``, ``group_by: user``) cuts exactly where ours does;
 - the same protocol: full ranking over every item not in the user's history, NDCG@10 / HR@10 on
-  the test target, best epoch by valid NDCG@10 (early stopping);
+  the test target, best epoch by valid NDCG@10 (early stopping). RecBole's own full-sort
+  evaluation of a *sequential* model ranks all items, the user's history included (it passes no
+  history index for sequential models). So the RecBole side is also scored here
+  (``protocol_metrics``) on our protocol, and its early stopping follows that valid NDCG@10; the
+  same function without the exclusion must reproduce RecBole's evaluator (checked at the end of
+  every RecBole run), and RecBole's own-protocol figures are kept beside ours;
 - the same model settings: RecBole's SASRec defaults (2 blocks, 2 heads, hidden 64, inner 256,
   dropout 0.5, max length 50, CE loss over all items, Adam 1e-3).
 
@@ -91,6 +96,52 @@ def write_atomic(seq_path: str, out_dir: str, name: str) -> None:
 # --------------------------------------------------------------------------- RecBole side
 
 
+def read_atomic(path: str) -> dict[str, list[str]]:
+    """user token -> item tokens in position order, from the atomic file ``write_atomic`` wrote."""
+    rows: dict[str, list[tuple[float, str]]] = {}
+    with open(path) as f:
+        next(f)
+        for line in f:
+            u, i, t = line.rstrip("\n").split("\t")
+            rows.setdefault(u, []).append((float(t), i))
+    return {u: [i for _, i in sorted(r)] for u, r in rows.items()}
+
+
+def protocol_metrics(model, seqs: list, cut: int, exclude_history: bool) -> dict[str, float]:
+    """NDCG@10 / HR@10 of a RecBole sequential model, computed here rather than by RecBole.
+
+    ``seqs``: every user's whole sequence in RecBole's internal item ids; ``cut`` -2 (valid) or -1
+    (test). With ``exclude_history`` the target is ranked among the items not in the user's history
+    (our protocol); without it among all items, which is what RecBole's full-sort evaluation does
+    for sequential models (it passes no history index for them), so that number must equal RecBole's.
+    """
+    import torch
+
+    n, max_len = len(seqs), model.max_seq_length
+    x = torch.zeros(n, max_len, dtype=torch.long)
+    lens = torch.zeros(n, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        h = s[:cut][-max_len:]
+        x[r, :len(h)] = torch.as_tensor(h)
+        lens[r] = len(h)
+    targets = torch.as_tensor([s[cut] for s in seqs])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        scores = model.full_sort_predict({model.ITEM_SEQ: x, model.ITEM_SEQ_LEN: lens}).view(n, -1)
+    model.train(was_training)
+    scores[:, 0] = float("-inf")  # padding
+    if exclude_history:
+        for r, s in enumerate(seqs):
+            hist = torch.as_tensor(sorted(set(s[:cut]) - {s[cut]}), dtype=torch.long)
+            scores[r, hist] = float("-inf")
+    # 0-based rank: other candidates scoring >= the target (ties count against it, as in ours)
+    rank = (scores >= scores[torch.arange(n), targets][:, None]).sum(1) - 1
+    hit = rank < 10
+    return {"ndcg@10": float(torch.where(hit, 1 / torch.log2(rank.double() + 2), 0.0).mean()),
+            "hr@10": float(hit.double().mean())}
+
+
 def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: int, out: str,
                    batch_size: int = RECBOLE["train_batch_size"]) -> None:
     import numpy as np
@@ -133,6 +184,8 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
           f"{len(train.dataset)} training prefixes", flush=True)
     model = SASRec(config, train.dataset).to(config["device"])
     trainer = Trainer(config, model)
+    seqs = [list(dataset.token2id("item_id", items)) for items in
+            read_atomic(os.path.join(data_dir, name, f"{name}.inter")).values()]
     train_secs, train_cpu = [], []
     inner = trainer._train_epoch
 
@@ -145,26 +198,36 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
         return r
 
     trainer._train_epoch = timed
-    valid_history: list[float] = []
+    valid_history: list[float] = []  # our protocol: early stopping and the best epoch follow it
+    valid_history_recbole: list[float] = []  # RecBole's own protocol (all items ranked)
     inner_valid = trainer._valid_epoch
 
     def recorded(*a, **k):  # the learning curve, also written after every epoch (a cut run keeps it)
         score, result = inner_valid(*a, **k)
-        valid_history.append(float(score))
+        valid_history_recbole.append(float(score))
+        valid_history.append(protocol_metrics(trainer.model, seqs, -2, exclude_history=True)["ndcg@10"])
+        print(f"[recbole] valid NDCG@10: {valid_history[-1]:.4f} (history excluded), {score:.4f} (RecBole's "
+              "protocol, all items)", flush=True)
         with open(out + ".partial", "w") as f:
-            json.dump({"valid_ndcg@10_history": valid_history, "epoch_seconds": train_secs,
-                       "epoch_cpu_seconds": train_cpu}, f)
-        return score, result
+            json.dump({"valid_ndcg@10_history": valid_history, "valid_ndcg@10_history_recbole_protocol":
+                       valid_history_recbole, "epoch_seconds": train_secs, "epoch_cpu_seconds": train_cpu}, f)
+        return valid_history[-1], result
 
     trainer._valid_epoch = recorded
     trainer.fit(train, valid, saved=True, show_progress=False)
-    res = trainer.evaluate(test, load_best_model=True, show_progress=False)
+    res = trainer.evaluate(test, load_best_model=True, show_progress=False)  # loads the best weights
+    mine = protocol_metrics(trainer.model, seqs, -1, exclude_history=True)
+    check = protocol_metrics(trainer.model, seqs, -1, exclude_history=False)
+    if abs(check["ndcg@10"] - float(res["ndcg@10"])) > 1e-3:
+        raise SystemExit(f"protocol_metrics without history exclusion gives NDCG@10 {check['ndcg@10']:.4f}, "
+                         f"RecBole's evaluator {float(res['ndcg@10']):.4f}: the two disagree")
     with open(out, "w") as f:
-        json.dump({"ndcg@10": float(res["ndcg@10"]), "hr@10": float(res["hit@10"]),
+        json.dump({**mine, "recbole_protocol": {"ndcg@10": float(res["ndcg@10"]), "hr@10": float(res["hit@10"])},
                    "best_epoch": len(train_secs) - 1 - int(trainer.cur_step),
                    "epochs": len(train_secs), "epoch_seconds": sum(train_secs) / max(1, len(train_secs)),
                    "epoch_cpu_seconds": sum(train_cpu) / max(1, len(train_cpu)), "train_batch_size": batch_size,
                    "valid_ndcg@10_history": valid_history,
+                   "valid_ndcg@10_history_recbole_protocol": valid_history_recbole,
                    "n_users": int(dataset.user_num - 1), "n_items": int(dataset.item_num - 1)}, f)
 
 
@@ -221,10 +284,11 @@ def print_curves(theirs_seed: dict, mine: dict[str, dict], seed: str) -> None:
     cols = {"RecBole": theirs_seed["valid_ndcg@10_history"]}
     cols.update({f"ours-{r}": m["valid_ndcg@10_history"][seed] for r, m in mine.items()
                  if seed in m["valid_ndcg@10_history"]})
-    print(f"\nvalid NDCG@10 (full ranking) after each epoch, seed {seed}:\n{'epoch':>6s}"
-          + "".join(f"{c:>16s}" for c in cols))
+    w = max(len(c) for c in cols) + 2
+    print(f"\nvalid NDCG@10 (full ranking, history excluded) after each epoch, seed {seed}:\n{'epoch':>6s}"
+          + "".join(f"{c:>{w}s}" for c in cols))
     for ep in range(max(len(h) for h in cols.values())):
-        print(f"{ep + 1:6d}" + "".join(f"{h[ep]:16.4f}" if ep < len(h) else f"{'':>16s}" for h in cols.values()))
+        print(f"{ep + 1:6d}" + "".join(f"{h[ep]:{w}.4f}" if ep < len(h) else " " * w for h in cols.values()))
 
 
 def main(argv=None) -> int:
@@ -309,8 +373,8 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    def mean_std(xs):
-        return float(np.mean(xs)), float(np.std(xs))
+    def mean_std(xs):  # sample std over seeds, as `slim-ray evaluate` reports it
+        return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
     def row(label, ndcg, hr, epoch_s, epochs, best):
         print(f"{label:34s}{100 * ndcg[0]:7.2f} ± {100 * ndcg[1]:4.2f}{100 * hr[0]:8.2f} ± {100 * hr[1]:4.2f}"
@@ -325,6 +389,10 @@ def main(argv=None) -> int:
     row(f"RecBole 1.2.1 (batch {theirs[str(recbole_seeds[0])].get('train_batch_size')})", r_ndcg, r_hr, r_ep,
         ",".join(str(theirs[str(s)]["epochs"]) for s in recbole_seeds),
         ",".join(f"{max(theirs[str(s)]['valid_ndcg@10_history']):.3f}" for s in recbole_seeds))
+    own = [theirs[str(s)]["recbole_protocol"] for s in recbole_seeds if "recbole_protocol" in theirs[str(s)]]
+    if own:  # the same models, scored by RecBole's evaluator (history items ranked too)
+        row("  same, RecBole's own protocol", mean_std([o["ndcg@10"] for o in own]),
+            mean_std([o["hr@10"] for o in own]), r_ep, "", "")
     result = {"recbole": theirs, "ours": mine}
     for regime, m in mine.items():
         seeds = seeds_of[regime]

@@ -92,3 +92,61 @@ def test_paired_test_detects_a_consistent_gain():
     assert res["mean_diff"] == pytest.approx(0.05, abs=0.005)
     assert res["p_ttest"] < 1e-6 and res["p_wilcoxon"] < 1e-6
     assert paired_test(b, b)["p_ttest"] == 1.0
+
+
+def _parity_bench():
+    """bench/parity_recbole.py, imported by path (it scores RecBole's model on our protocol)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "parity_recbole.py")
+    spec = importlib.util.spec_from_file_location("parity_recbole", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _FixedScores:
+    """Stands in for a RecBole sequential model: fixed scores, and it records the input it got."""
+    max_seq_length, ITEM_SEQ, ITEM_SEQ_LEN, training = 3, "item_id_list", "item_length", False
+
+    def __init__(self, scores):
+        self.scores, self.seen = scores, None
+
+    def eval(self):
+        pass
+
+    def train(self, mode=True):
+        pass
+
+    def full_sort_predict(self, inter):
+        self.seen = (inter[self.ITEM_SEQ].tolist(), inter[self.ITEM_SEQ_LEN].tolist())
+        return self.scores.clone()
+
+
+def test_parity_bench_scores_recbole_models_on_our_protocol():
+    bench = _parity_bench()
+    # items 1..5 (column 0 = padding); user 0: 1 2 3 | 4, user 1: 5 1 | 2 (history | test target)
+    seqs = [[1, 2, 3, 4], [5, 1, 2]]
+    scores = torch.tensor([[9.0, 5, 8, 0.1, 3, 4], [0.0, 1, 2, 7, 6, 9]])
+    model = _FixedScores(scores)
+    ours = bench.protocol_metrics(model, seqs, -1, exclude_history=True)
+    assert model.seen == ([[1, 2, 3], [5, 1, 0]], [3, 2])  # right-padded history, last max_len items
+    # history excluded: user 0 ranks 4 (3.0) below 5 (4.0): rank 1; user 1 ranks 2 below 3 and 4: rank 2
+    assert ours["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 2) and ours["hr@10"] == 1.0
+    # RecBole's protocol (history ranked too): rank 3 for both users
+    theirs = bench.protocol_metrics(model, seqs, -1, exclude_history=False)
+    assert theirs["ndcg@10"] == pytest.approx(1 / math.log2(5))
+
+    # on random data it gives exactly what slim_ray's own evaluator gives
+    rng = np.random.default_rng(0)
+    n_items, users = 40, 30
+    long_seqs = [rng.choice(np.arange(1, n_items + 1), size=rng.integers(4, 12), replace=False) for _ in range(users)]
+    scores = torch.randn(users, n_items + 1)
+    split = rd.eval_split(rd.RecData(np.arange(1, users + 1), long_seqs, n_items, users), "valid", 3)
+    ranks = ranks_full(scores, torch.as_tensor(split.targets), torch.as_tensor(split.excl_rows),
+                       torch.as_tensor(split.excl_cols)).numpy()
+    expected = metrics_from_ranks(ranks, [10])
+    got = bench.protocol_metrics(_FixedScores(scores), [s.tolist() for s in long_seqs], -2, exclude_history=True)
+    assert got["ndcg@10"] == pytest.approx(expected["ndcg@10"].mean())
+    assert got["hr@10"] == pytest.approx(expected["hr@10"].mean())
