@@ -17,18 +17,20 @@ What is compared, side by side in one run:
 - the same model settings: RecBole's SASRec defaults (2 blocks, 2 heads, hidden 64, inner 256,
   dropout 0.5, max length 50, CE loss over all items, Adam 1e-3).
 
-Ours is trained in two regimes (``--regimes``), each its own run folder under the work dir:
+Ours is trained in up to four regimes (``--regimes``), each its own run folder under the work dir:
 - ``prefixes`` (``ours-prefixes/``): RecBole's own regime -- every training prefix is one example
   whose last position predicts the next item, batch ``--recbole-batch``. Same data, objective and
-  batch as RecBole, so this pair is the implementation parity check (target: NDCG@10 within +-5 %);
-  like RecBole's process it computes with 2 threads;
+  batch as RecBole: the closest pair; like RecBole's process it computes with 2 threads (about
+  1.5x RecBole's time per epoch, so it takes long on 2 cores);
 - ``windows`` (``ours/``): our SASRec default -- windows of max length with a loss at every
   position (the original SASRec objective), batch 64, 1 thread. It sees the same next-item
-  targets per epoch at about 1/40 of the transformer work;
+  targets per epoch at about 1/40 of the transformer work; the parity target (test NDCG@10
+  within +-5 % of RecBole's) is checked on this, what users run;
 - ``prefixes-init`` / ``windows-init``: the same with RecBole's weight initialisation (every linear
   and attention weight N(0, 0.02), zero biases; ``rec.params.linear_init_std``) instead of
-  PyTorch's defaults -- the one remaining difference between the two models (both initialise
-  embeddings N(0, 0.02)), to show how much of a gap it explains.
+  PyTorch's defaults (both initialise embeddings N(0, 0.02)). The other differences left: torch's
+  encoder layer adds a dropout after the feed-forward activation, and our softmax leaves out the
+  padding item.
 
 RecBole 1.2.1 is installed in the main venv with --no-deps; it also needs colorlog, colorama,
 texttable and tensorboard, which this script installs into its own venv (.cache/venv-recbole,
