@@ -109,39 +109,34 @@ def read_atomic(path: str) -> dict[str, list[str]]:
     return {u: [i for _, i in sorted(r)] for u, r in rows.items()}
 
 
-def protocol_metrics(model, seqs: list, cut: int, exclude_history: bool) -> dict[str, float]:
-    """NDCG@10 / HR@10 of a RecBole sequential model, computed here rather than by RecBole.
+def protocol_metrics(model, seqs: list, split: str, exclude_history: bool) -> dict[str, float]:
+    """NDCG@10 / HR@10 of a RecBole sequential model, computed by slim_ray's evaluator, not RecBole's.
 
-    ``seqs``: every user's whole sequence in RecBole's internal item ids; ``cut`` -2 (valid) or -1
-    (test). With ``exclude_history`` the target is ranked among the items not in the user's history
-    (our protocol); without it among all items, which is what RecBole's full-sort evaluation does
-    for sequential models (it passes no history index for them), so that number must equal RecBole's.
+    ``seqs``: every user's whole sequence in RecBole's internal item ids; ``split`` ``valid`` or
+    ``test``. The inputs, targets and history come from our ``eval_split`` and the ranks from our
+    ``ranks_full``, so with ``exclude_history`` this is our protocol exactly. Without it every item
+    is ranked, which is what RecBole's full-sort evaluation does for sequential models (it passes no
+    history index for them), so that number must equal RecBole's.
     """
+    import numpy as np
     import torch
 
-    n, max_len = len(seqs), model.max_seq_length
-    x = torch.zeros(n, max_len, dtype=torch.long)
-    lens = torch.zeros(n, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        h = s[:cut][-max_len:]
-        x[r, :len(h)] = torch.as_tensor(h)
-        lens[r] = len(h)
-    targets = torch.as_tensor([s[cut] for s in seqs])
+    from slim_ray.rec import data as rd
+    from slim_ray.rec.metrics import metrics_from_ranks, ranks_full
+
+    n_items = max(max(s) for s in seqs)  # only feeds eval_split's candidate counts, unused here
+    data = rd.RecData(np.arange(1, len(seqs) + 1), [np.asarray(s, dtype=np.int64) for s in seqs], n_items, len(seqs))
+    ev = rd.eval_split(data, split, model.max_seq_length)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        scores = model.full_sort_predict({model.ITEM_SEQ: x, model.ITEM_SEQ_LEN: lens}).view(n, -1)
+        scores = model.full_sort_predict({model.ITEM_SEQ: torch.as_tensor(ev.seq),
+                                          model.ITEM_SEQ_LEN: torch.as_tensor(ev.lens)}).view(len(seqs), -1)
     model.train(was_training)
-    scores[:, 0] = float("-inf")  # padding
-    if exclude_history:
-        for r, s in enumerate(seqs):
-            hist = torch.as_tensor(sorted(set(s[:cut]) - {s[cut]}), dtype=torch.long)
-            scores[r, hist] = float("-inf")
-    # 0-based rank: other candidates scoring >= the target (ties count against it, as in ours)
-    rank = (scores >= scores[torch.arange(n), targets][:, None]).sum(1) - 1
-    hit = rank < 10
-    return {"ndcg@10": float(torch.where(hit, 1 / torch.log2(rank.double() + 2), 0.0).mean()),
-            "hr@10": float(hit.double().mean())}
+    excl = (torch.as_tensor(ev.excl_rows), torch.as_tensor(ev.excl_cols)) if exclude_history else (None, None)
+    ranks = ranks_full(scores, torch.as_tensor(ev.targets), *excl)
+    m = metrics_from_ranks(ranks.numpy(), [10])
+    return {"ndcg@10": float(m["ndcg@10"].mean()), "hr@10": float(m["hr@10"].mean())}
 
 
 def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: int, out: str,
@@ -166,6 +161,7 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
     # and every backward checks for NaN, which made SASRec's epochs 10-50x slower and growing. It is
     # no part of SASRec's training; switch it back off.
     torch.autograd.set_detect_anomaly(False)
+    sys.path.insert(0, ROOT)  # this venv sees the main venv's packages, not the slim_ray checkout
     torch.set_num_threads(int(os.environ.get("PARITY_THREADS", "2")))
     cfg = {
         "data_path": data_dir, "dataset": name, "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id",
@@ -207,7 +203,7 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
     def recorded(*a, **k):  # the learning curve, also written after every epoch (a cut run keeps it)
         score, result = inner_valid(*a, **k)
         valid_history_recbole.append(float(score))
-        valid_history.append(protocol_metrics(trainer.model, seqs, -2, exclude_history=True)["ndcg@10"])
+        valid_history.append(protocol_metrics(trainer.model, seqs, "valid", exclude_history=True)["ndcg@10"])
         print(f"[recbole] valid NDCG@10: {valid_history[-1]:.4f} (history excluded), {score:.4f} (RecBole's "
               "protocol, all items)", flush=True)
         with open(out + ".partial", "w") as f:
@@ -218,8 +214,8 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
     trainer._valid_epoch = recorded
     trainer.fit(train, valid, saved=True, show_progress=False)
     res = trainer.evaluate(test, load_best_model=True, show_progress=False)  # loads the best weights
-    mine = protocol_metrics(trainer.model, seqs, -1, exclude_history=True)
-    check = protocol_metrics(trainer.model, seqs, -1, exclude_history=False)
+    mine = protocol_metrics(trainer.model, seqs, "test", exclude_history=True)
+    check = protocol_metrics(trainer.model, seqs, "test", exclude_history=False)
     if abs(check["ndcg@10"] - float(res["ndcg@10"])) > 1e-3:
         raise SystemExit(f"protocol_metrics without history exclusion gives NDCG@10 {check['ndcg@10']:.4f}, "
                          f"RecBole's evaluator {float(res['ndcg@10']):.4f}: the two disagree")
@@ -312,8 +308,8 @@ def main(argv=None) -> int:
                     help="use RecBole results already in --workdir, including the curve of a run that was "
                     "stopped (recbole-s<seed>.json.partial), instead of training RecBole again")
     ap.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=["prefixes", "windows"],
-                    help="how ours trains: prefixes (RecBole's regime and batch: the parity check) and/or "
-                    "windows (our default: a loss at every position, batch 64); -init: RecBole's initialisation")
+                    help="how ours trains: prefixes (RecBole's regime and batch) and/or windows (our default: a "
+                    "loss at every position, batch 64; the parity check); -init: RecBole's initialisation")
     ap.add_argument("--regime-seeds", nargs="*", default=[], metavar="REGIME=S,S",
                     help="seeds of one regime, e.g. prefixes=0 (default: --seeds)")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-parity"))
@@ -412,7 +408,7 @@ def main(argv=None) -> int:
     print_curves(theirs[str(recbole_seeds[0])], mine, str(recbole_seeds[0]))
     print()
     for regime in mine:
-        same = " (same regime as RecBole: the parity check, target within +-5%)" if regime == "prefixes" else ""
+        same = " (the parity check, target within +-5%)" if regime == "windows" else ""
         print(f"ours-{regime} / RecBole - 1: NDCG@10 {100 * result[f'ndcg_rel_diff_{regime}']:+.1f}%, HR@10 "
               f"{100 * result[f'hr_rel_diff_{regime}']:+.1f}%, epoch time x{result[f'epoch_time_ratio_{regime}']:.2f}{same}")
     with open(os.path.join(args.workdir, "parity.json"), "w") as f:

@@ -130,12 +130,12 @@ def test_parity_bench_scores_recbole_models_on_our_protocol():
     seqs = [[1, 2, 3, 4], [5, 1, 2]]
     scores = torch.tensor([[9.0, 5, 8, 0.1, 3, 4], [0.0, 1, 2, 7, 6, 9]])
     model = _FixedScores(scores)
-    ours = bench.protocol_metrics(model, seqs, -1, exclude_history=True)
+    ours = bench.protocol_metrics(model, seqs, "test", exclude_history=True)
     assert model.seen == ([[1, 2, 3], [5, 1, 0]], [3, 2])  # right-padded history, last max_len items
     # history excluded: user 0 ranks 4 (3.0) below 5 (4.0): rank 1; user 1 ranks 2 below 3 and 4: rank 2
     assert ours["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 2) and ours["hr@10"] == 1.0
     # RecBole's protocol (history ranked too): rank 3 for both users
-    theirs = bench.protocol_metrics(model, seqs, -1, exclude_history=False)
+    theirs = bench.protocol_metrics(model, seqs, "test", exclude_history=False)
     assert theirs["ndcg@10"] == pytest.approx(1 / math.log2(5))
 
     # on random data it gives exactly what slim_ray's own evaluator gives
@@ -147,6 +147,6 @@ def test_parity_bench_scores_recbole_models_on_our_protocol():
     ranks = ranks_full(scores, torch.as_tensor(split.targets), torch.as_tensor(split.excl_rows),
                        torch.as_tensor(split.excl_cols)).numpy()
     expected = metrics_from_ranks(ranks, [10])
-    got = bench.protocol_metrics(_FixedScores(scores), [s.tolist() for s in long_seqs], -2, exclude_history=True)
+    got = bench.protocol_metrics(_FixedScores(scores), [s.tolist() for s in long_seqs], "valid", exclude_history=True)
     assert got["ndcg@10"] == pytest.approx(expected["ndcg@10"].mean())
     assert got["hr@10"] == pytest.approx(expected["hr@10"].mean())
