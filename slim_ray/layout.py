@@ -20,16 +20,20 @@ Each stage output folder also holds ``config.yaml`` (the resolved config) and
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from slim_ray import storage
 
 
 @dataclass(frozen=True)
 class RunLayout:
-    root: str
+    root: str  # a local path or a storage URI (s3://bucket/prefix, ...), see slim_ray.storage
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", storage.normalize(self.root))
 
     def _p(self, *parts: str) -> str:
-        return os.path.join(self.root, *parts)
+        return storage.join(self.root, *parts)
 
     @property
     def prepared(self) -> str:
@@ -57,6 +61,14 @@ class RunLayout:
     @property
     def student_merged(self) -> str:
         return self._p("distill", "merged")
+
+    @property
+    def embeddings(self) -> str:
+        return self._p("embeddings")
+
+    @property
+    def logs(self) -> str:
+        return self._p("logs")
 
     @property
     def item_embeddings(self) -> str:
