@@ -6,6 +6,11 @@
     slim-ray synth    --config ... --set synth.num_users=1000000 synth.out=/data/synth
     slim-ray serve-llm ...   OpenAI-compatible endpoint on Ray Serve (see --help)
     slim-ray serve     ...   the SLIM recommendation graph on Ray Serve (see --help)
+    slim-ray run --config configs/paper.yaml --dry-run    the plan, checked, without loading models
+
+Before anything imports Ray, a local run pins Ray's listeners to loopback (``runtime.pin_loopback``):
+Ray reads that setting once, at import. A failing stage ends with one line on stderr (stage, cause,
+log file) and exit status 1; ``--debug`` also prints the full trace.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from typing import Optional
 
 from slim_ray.config import ConfigError, PipelineConfig, load_config
-from slim_ray.stages import PIPELINE_ORDER, STAGES, StageFailed, run_stage
+from slim_ray.errors import StageFailed
+from slim_ray.runtime import is_local, pin_loopback
+from slim_ray.stages import PIPELINE_ORDER, STAGES, run_stage
 
 # Commands that own their argument parsing: name -> "module:function(argv) -> int".
 DELEGATED = {
@@ -30,6 +38,7 @@ DELEGATED = {
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config`` and ``--set`` (shared by every command)."""
     parser.add_argument("--config", "-c", help="YAML config (see configs/).")
+    parser.add_argument("--debug", action="store_true", help="print the full trace of a failure")
     parser.add_argument(
         "--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
         help="dotted override, e.g. --set rec.backbone=gru4rec teacher.engine=openai",
@@ -49,6 +58,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add_config_args(run)
     run.add_argument("--force", choices=PIPELINE_ORDER, help="redo this stage and all after it")
     run.add_argument("--until", choices=PIPELINE_ORDER, help="stop after this stage")
+    run.add_argument("--dry-run", action="store_true",
+                     help="resolve and check every stage's config, print the plan, load nothing")
     for name, st in STAGES.items():
         p = sub.add_parser(name, help=st.doc)
         add_config_args(p)
@@ -58,10 +69,25 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pin_loopback_for(argv: list[str]) -> None:
+    """Pin loopback when the config (read leniently here) runs a local Ray. Delegated commands
+    parse their own arguments, but Ray must not be imported before this decision."""
+    pre = argparse.ArgumentParser(add_help=False)
+    add_config_args(pre)
+    try:
+        args, _ = pre.parse_known_args(argv)
+        cfg = config_from_args(args)
+    except (ConfigError, SystemExit):
+        return  # the command reports the error itself
+    if is_local(cfg.ray):
+        pin_loopback()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     if argv and argv[0] in DELEGATED:
+        _pin_loopback_for(argv[1:])
         module, fn = DELEGATED[argv[0]].split(":")
         return int(getattr(importlib.import_module(module), fn)(argv[1:]) or 0)
     args = _build_parser().parse_args(argv)
@@ -70,6 +96,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"slim-ray: {e}", file=sys.stderr)
         return 2
+    if args.command == "run" and args.dry_run:
+        from slim_ray.plan import print_plan
+
+        return print_plan(cfg)
+    if is_local(cfg.ray):
+        pin_loopback()
     try:
         if args.command == "run":
             from slim_ray.pipeline import run_pipeline
@@ -77,11 +109,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_pipeline(cfg, force=args.force, until=args.until)
         else:
             res = run_stage(args.command, cfg, force=args.force)
-            print(f"[slim-ray {args.command}] " + ("skipped (fresh)" if res["skipped"] else
-                  f"done in {res['seconds']:.1f}s"), flush=True)
+            print(f"[slim-ray] {args.command}: " + ("skipped (fresh)" if res["skipped"] else
+                  f"{res['status']} in {res['seconds']:.1f}s"), file=sys.stderr, flush=True)
     except StageFailed as e:
+        if args.debug:
+            traceback.print_exception(type(e.cause), e.cause, e.cause.__traceback__, file=sys.stderr)
         print(f"slim-ray: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("slim-ray: interrupted; finished parts are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

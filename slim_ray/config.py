@@ -46,6 +46,10 @@ class PipelineConfig(StageConfig):
 
     run_dir: str = Field("runs/demo", description="Root folder of this run (local path or URI).")
     seed: int = Field(0, description="Global seed; stages derive their own from it.")
+    retry_failed_rows: int = Field(
+        2, ge=0, description="How many more times `slim-ray run` reruns a stage that ended with failed "
+        "rows (status partial) before moving on; each rerun retries only the failed rows.",
+    )
     cache_dir: Optional[str] = Field(
         None, description="Where packaged GGUF models are converted to (default ~/.cache/slim_ray)."
     )

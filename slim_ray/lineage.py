@@ -1,30 +1,38 @@
 """Lineage manifests: what each stage output was made from, and whether it is still fresh.
 
-Next to every stage output the stage runner writes:
+Next to every stage output the stage runner writes (through ``slim_ray.storage``, so a run
+folder may be a local path or a URI such as ``s3://bucket/prefix``):
     config.yaml     the resolved pipeline config of the run that made it
-    manifest.json   stage, fingerprint, inputs (path + fingerprint), code version, models,
-                    the stage's summary (counts, timings), and status ("complete" only at the end)
+    manifest.json   stage, status, fingerprint, inputs (path + fingerprint), code identity, the
+                    stage's summary (counts, timings, node ids)
 
-A stage output is *fresh* when its manifest is complete and its fingerprint equals the one
-computed now from (stage name, the stage's config sections, input fingerprints, code version).
-The fingerprint of an input that is itself a stage output is that stage's fingerprint, so a
-change anywhere upstream invalidates everything downstream.
+``manifest.json`` is the commit marker of a stage output: it is written last, as one whole
+object. A stage output is *fresh* when its manifest says ``complete`` and its fingerprint equals
+the one computed now from (stage name, the stage's config sections, input fingerprints, the hash
+of the source files the stage runs). The fingerprint of an input that is itself a stage output is
+that stage's fingerprint, so a change anywhere upstream -- config or code -- invalidates everything
+downstream. ``status: partial`` marks an output whose stage finished with failed rows: it is never
+fresh, so the next run retries it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
 import subprocess
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
-from slim_ray import __version__
+from pyarrow.fs import FileType
+
+from slim_ray import __version__, storage
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 _SMALL_FILE = 64 * 1024 * 1024
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sha(obj: Any) -> str:
@@ -32,61 +40,73 @@ def _sha(obj: Any) -> str:
 
 
 def code_version() -> str:
-    """Package version + git commit of the source tree when available."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """Package version + git commit of the source tree when available (informational)."""
     try:
         sha = subprocess.run(
-            ["git", "-C", here, "rev-parse", "--short", "HEAD"],
+            ["git", "-C", _PACKAGE_DIR, "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=5,
         ).stdout.strip()
-    except Exception:
+    except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
 
 
+@functools.lru_cache(maxsize=None)
+def source_hash(parts: tuple[str, ...]) -> str:
+    """sha256 over the ``.py`` files of the given package parts (sub-packages or modules of
+    ``slim_ray``, e.g. ``("generate", "prompts", "report.py")``): the code identity of a stage."""
+    h = hashlib.sha256()
+    for part in sorted(parts):
+        path = os.path.join(_PACKAGE_DIR, part)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+            if f.endswith((".py", ".yaml", ".txt", ".jinja"))
+        )
+        if not files:
+            raise FileNotFoundError(f"lineage: no source files under slim_ray/{part}")
+        for f in files:
+            h.update(os.path.relpath(f, _PACKAGE_DIR).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
 def read_manifest(out_dir: str) -> Optional[dict[str, Any]]:
-    try:
-        with open(os.path.join(out_dir, MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+    m = storage.read_json(storage.join(out_dir, MANIFEST))
+    return m if isinstance(m, dict) else None
 
 
 def fingerprint_path(path: str) -> str:
     """Identity of an input: a stage output's own fingerprint, else content (small files) or
     name+size+mtime (large files and folders)."""
-    manifest = read_manifest(path) if os.path.isdir(path) else None
-    if manifest and manifest.get("status") == "complete":
-        return "stage:" + manifest["fingerprint"]
-    if os.path.isfile(path):
-        st = os.stat(path)
-        if st.st_size <= _SMALL_FILE:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            return "sha256:" + h.hexdigest()
-        return "stat:" + _sha([st.st_size, st.st_mtime_ns])
-    if os.path.isdir(path):
-        entries = []
-        for root, _, files in os.walk(path):
-            for name in sorted(files):
-                if name in (MANIFEST, CONFIG):
-                    continue
-                p = os.path.join(root, name)
-                st = os.stat(p)
-                entries.append([os.path.relpath(p, path), st.st_size, st.st_mtime_ns])
-        return "tree:" + _sha(sorted(entries))
+    fi = storage.info(path)
+    if fi.type == FileType.Directory or not storage.is_local(path):
+        manifest = read_manifest(path)
+        if manifest and manifest.get("status") == "complete":
+            return "stage:" + manifest["fingerprint"]
+    if fi.type == FileType.File:
+        if (fi.size or 0) <= _SMALL_FILE:
+            return "sha256:" + hashlib.sha256(storage.read_bytes(path)).hexdigest()
+        return "stat:" + _sha([fi.size, fi.mtime_ns])
+    listing = storage.tree_listing(path, skip=(MANIFEST, CONFIG))
+    if listing:
+        return "tree:" + _sha([list(x) for x in listing])
     return "missing"
 
 
-def stage_fingerprint(stage: str, config_sections: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+def stage_fingerprint(
+    stage: str,
+    config_sections: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    code: Iterable[str] = (),
+) -> str:
     return _sha(
         {
             "stage": stage,
             "config": config_sections,
             "inputs": {k: fingerprint_path(v) for k, v in sorted(inputs.items())},
             "code": __version__,
+            "source": source_hash(tuple(code)) if code else None,
         }
     )
 
@@ -106,7 +126,7 @@ def write_manifest(
     summary: Mapping[str, Any],
     status: str = "complete",
 ) -> dict[str, Any]:
-    os.makedirs(out_dir, exist_ok=True)
+    """Write config.yaml, then manifest.json (the commit marker) as one whole object."""
     manifest = {
         "stage": stage,
         "status": status,
@@ -116,10 +136,7 @@ def write_manifest(
         "inputs": {k: {"path": v, "fingerprint": fingerprint_path(v)} for k, v in inputs.items()},
         "summary": dict(summary),
     }
-    with open(os.path.join(out_dir, CONFIG), "w") as f:
-        f.write(config_yaml)
-    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    storage.makedirs(out_dir)
+    storage.write_text(storage.join(out_dir, CONFIG), config_yaml)
+    storage.write_json(storage.join(out_dir, MANIFEST), manifest)
     return manifest

@@ -4,18 +4,20 @@ prepare -> teach -> distill -> reason -> encode -> train -> evaluate -> report
 
 ``force`` redoes one stage and everything after it; ``until`` stops after a stage. A failure names
 the stage and leaves every earlier output intact (each stage's manifest is written only when it
-completes).
+completes). A stage that ends ``partial`` (rows failed, e.g. an endpoint that kept answering 429)
+is rerun up to ``cfg.retry_failed_rows`` more times -- each rerun retries only the failed rows --
+and the pipeline then moves on with what it has, saying so.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from typing import Any, Optional
 
+from slim_ray import storage
 from slim_ray.config import PipelineConfig
+from slim_ray.stagelog import console
 from slim_ray.stages import PIPELINE_ORDER, run_stage
 
 logger = logging.getLogger(__name__)
@@ -33,12 +35,27 @@ def run_pipeline(
     t0 = time.time()
     for i, name in enumerate(order):
         res = run_stage(name, cfg, force=i >= forced_from)
+        attempts = 1
+        while res["status"] == "partial" and attempts <= cfg.retry_failed_rows:
+            failed = res["summary"].get("failed_rows")
+            console(f"{name}: {failed} rows failed; retrying them (attempt {attempts + 1} of "
+                    f"{cfg.retry_failed_rows + 1})")
+            res = run_stage(name, cfg)
+            attempts += 1
+        res["attempts"] = attempts
         results.append(res)
-        state = "skipped (fresh)" if res["skipped"] else f"done in {res['seconds']:.1f}s"
-        print(f"[slim-ray run] {name:<9} {state}", flush=True)
+        console(f"{name}: {_state(res)}")
     total = time.time() - t0
-    print(f"[slim-ray run] finished {len(order)} stages in {total:.1f}s -> {cfg.run_dir}", flush=True)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "run_summary.json"), "w") as f:
-        json.dump({"seconds": round(total, 2), "stages": results}, f, indent=2, default=str)
+    console(f"finished {len(order)} stages in {total:.1f}s -> {cfg.run_dir}")
+    storage.write_json(storage.join(cfg.run_dir, "run_summary.json"),
+                       {"seconds": round(total, 2), "stages": results})
     return results
+
+
+def _state(res: dict[str, Any]) -> str:
+    if res["skipped"]:
+        return "skipped (fresh)"
+    if res["status"] == "partial":
+        return (f"PARTIAL after {res['attempts']} attempts: {res['summary'].get('failed_rows')} rows "
+                f"failed (recorded with their error; the next run retries them), {res['seconds']:.1f}s")
+    return f"done in {res['seconds']:.1f}s"

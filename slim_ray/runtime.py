@@ -10,12 +10,18 @@ Why the environment variables (measured with Ray 2.60 on Linux):
 - ``GLOO_SOCKET_IFNAME=lo`` makes gloo's pair sockets bind loopback;
 - Ray Train's default torch rendezvous opens a TCPStore on ``*:port``; ``train_backend_config()``
   returns a TorchConfig whose rendezvous is a shared file instead (one machine only).
+
+Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when ``ray`` is imported: setting it inside
+``init_ray`` is too late. Every entry point (the CLI, ``jobs/``, ``bench/``) calls
+``pin_loopback()`` before anything imports Ray; ``init_ray`` refuses to start a local Ray that
+would listen on every interface.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -63,21 +69,36 @@ class RayConfig(StageConfig):
     working_dir: Optional[str] = Field(
         None, description="runtime_env working_dir when joining a remote cluster."
     )
+    log_to_driver: bool = Field(
+        False, description="Echo every Ray worker's stdout/stderr on the console. Off: worker logs "
+        "stay in Ray's session log folder (linked as <run_dir>/logs/ray for a local run).",
+    )
 
 
 def is_local(cfg: Optional[RayConfig] = None) -> bool:
     return cfg is None or cfg.address in (None, "", "local")
 
 
+def pin_loopback() -> None:
+    """Keep a local Ray on 127.0.0.1. Must run before ``import ray`` in this process."""
+    if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        logger.warning("pin_loopback() called after `import ray`: a local Ray started by this process "
+                       "would listen on every interface")
+    os.environ.update(LOOPBACK_ENV)
+
+
+def _loopback_pinned_in_ray() -> bool:
+    from ray._private import ray_constants  # the value Ray read at import
+
+    return not ray_constants.ENABLE_RAY_CLUSTER
+
+
 def _accelerator_env() -> dict[str, str]:
     try:
         import torch
-
-        if torch.cuda.is_available():
-            return {"DS_ACCELERATOR": "cuda"}
-    except Exception:  # torch missing is fine for pure-data stages
-        pass
-    return {}
+    except ImportError:  # torch missing is fine for pure-data stages
+        return {}
+    return {"DS_ACCELERATOR": "cuda"} if torch.cuda.is_available() else {}
 
 
 def worker_env(cfg: Optional[RayConfig] = None) -> dict[str, str]:
@@ -104,6 +125,10 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
     if ray.is_initialized():
         return ray.get_runtime_context()
     cfg = cfg or RayConfig()
+    if is_local(cfg) and not _loopback_pinned_in_ray():
+        raise RuntimeError(
+            "a local Ray would listen on every interface: call slim_ray.runtime.pin_loopback() (or set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) before `import ray` in this process")
     env = worker_env(cfg)
     # The driver's environment is inherited by the raylet and its workers of a local cluster;
     # it must be in place before ray.init() starts them.
@@ -111,7 +136,7 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
     kwargs: dict[str, Any] = dict(
         runtime_env=runtime_env(cfg),
         include_dashboard=cfg.include_dashboard,
-        log_to_driver=True,
+        log_to_driver=cfg.log_to_driver,
         logging_level=logging.WARNING,
     )
     if is_local(cfg):
@@ -134,15 +159,21 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
 
 
 def _quiet_ray_data() -> None:
-    """Keep Ray Data's progress bars (they are the progress report) but not its per-op logs."""
-    try:
-        from ray.data import DataContext
+    """Ray Data's progress bars on a terminal; off one (a log file, CI) they print a dump every
+    few seconds, so there the stage runner's progress lines replace them."""
+    from ray.data import DataContext
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = True
-        ctx.print_on_execution_start = False
-    except Exception:
-        pass
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.print_on_execution_start = False
+
+
+def ray_logs_dir() -> Optional[str]:
+    """This node's Ray session log folder (worker stdout/stderr), when Ray runs here."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else None
 
 
 def shutdown_ray() -> None:
@@ -197,10 +228,7 @@ def _file_rendezvous_config_cls():
 
             worker_group.execute(_env)
             if _set_torch_distributed_env_vars is not None:
-                try:
-                    worker_group.execute(_set_torch_distributed_env_vars)
-                except Exception:  # V1 worker groups have no such context
-                    pass
+                worker_group.execute(_set_torch_distributed_env_vars)
             futures = [
                 worker_group.execute_single_async(
                     i,

@@ -25,6 +25,15 @@ def _failing(cfg):
     raise ValueError("boom")
 
 
+PARTIAL_RUNS: list[int] = []
+
+
+def _partial_then_complete(cfg):
+    """Fails two rows on the first call, one on the second, none after."""
+    PARTIAL_RUNS.append(1)
+    return {"failed_rows": max(0, 3 - len(PARTIAL_RUNS)), "done_rows": 10}
+
+
 @pytest.fixture
 def fake_stage(monkeypatch, tmp_path):
     raw = tmp_path / "raw.txt"
@@ -76,9 +85,63 @@ def test_failure_names_stage_and_leaves_no_manifest(monkeypatch, tmp_path):
                       lambda c: c.layout.prepared, "fails")
     monkeypatch.setitem(stages.STAGES, "prepare", st)
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
-    with pytest.raises(stages.StageFailed, match="stage 'prepare' failed: ValueError: boom"):
+    with pytest.raises(stages.StageFailed) as err:
         stages.run_stage("prepare", cfg)
+    log = os.path.join(cfg.layout.logs, "prepare.log")
+    assert str(err.value) == f"stage 'prepare' failed: boom (full trace in {log})"
+    assert "Traceback" in open(log).read() and "_failing" in open(log).read()
     assert lineage.read_manifest(cfg.layout.prepared) is None
+
+
+def test_error_line_unwraps_ray_task_errors():
+    """The cause our code raised inside a Ray task, not Ray's wrapper with its traceback."""
+    from ray.exceptions import RayTaskError
+
+    from slim_ray.errors import one_line
+
+    try:
+        raise ValueError("reviews.json.gz: line 4915: malformed JSON")
+    except ValueError as e:
+        inner = e
+    wrapped = RayTaskError("map_batches", "Traceback ...\n  File x\nValueError: ...", inner)
+    assert one_line(wrapped) == "reviews.json.gz: line 4915: malformed JSON"
+    assert one_line(KeyError("user_id")) == "KeyError: 'user_id'"
+
+
+def test_partial_stage_is_not_fresh_and_run_retries_it(monkeypatch, tmp_path):
+    from slim_ray.pipeline import run_pipeline
+
+    st = stages.Stage("prepare", f"{__name__}:_partial_then_complete", ("data",), lambda c: {},
+                      lambda c: c.layout.prepared, "partial")
+    monkeypatch.setitem(stages.STAGES, "prepare", st)
+    PARTIAL_RUNS.clear()
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "retry_failed_rows=0"])
+    first = stages.run_stage("prepare", cfg)
+    assert first["status"] == "partial" and lineage.read_manifest(cfg.layout.prepared)["status"] == "partial"
+    assert not lineage.is_fresh(cfg.layout.prepared, stages.fingerprint("prepare", cfg))
+    # `slim-ray run` reruns a partial stage (retry_failed_rows more times) before moving on.
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "retry_failed_rows=2"])
+    res = run_pipeline(cfg, until="prepare")
+    assert len(PARTIAL_RUNS) == 3 and res[0]["attempts"] == 2 and res[0]["status"] == "complete"
+    assert lineage.read_manifest(cfg.layout.prepared)["summary"]["failed_rows"] == 0
+
+
+def test_editing_a_stage_source_changes_its_fingerprint(monkeypatch, tmp_path):
+    """Code identity: the hash of the files a stage runs is part of its fingerprint."""
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.dirname(lineage.__file__), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(lineage, "_PACKAGE_DIR", str(pkg))
+    lineage.source_hash.cache_clear()
+    before = lineage.stage_fingerprint("report", {}, {}, ("report.py",))
+    other = lineage.stage_fingerprint("report", {}, {}, ("rec",))
+    with open(pkg / "report.py", "a") as f:
+        f.write("\n# edited\n")
+    lineage.source_hash.cache_clear()
+    after = lineage.stage_fingerprint("report", {}, {}, ("report.py",))
+    assert before != after and lineage.stage_fingerprint("report", {}, {}, ("rec",)) == other
+    lineage.source_hash.cache_clear()
 
 
 def test_cli_reports_config_errors(capsys):

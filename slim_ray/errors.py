@@ -1,0 +1,57 @@
+"""The errors a stage run ends with, reduced to one line a person can act on.
+
+Ray wraps an exception raised in a task, actor or Train worker in several layers
+(``RayTaskError`` -> ``UserCodeException`` -> the original); its text is the whole remote traceback
+plus Ray's retry advice. ``root_cause`` unwraps to the exception our code raised, whose message
+names the file, line or field; ``StageFailed`` puts that on one line with the stage's name and the
+log file that holds the full trace.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# Types whose message says everything; others are named ("KeyError: 'x'").
+_SELF_EXPLAINING = (ValueError, FileNotFoundError, PermissionError, TimeoutError)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: follows Ray's ``.cause`` and Python's ``__cause__`` chains."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)
+        if isinstance(inner, BaseException):
+            exc = inner
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of the root cause's message (its type too when the message is bare)."""
+    cause = root_cause(exc)
+    text = str(cause).strip()
+    # A Ray wrapper that could not be unwrapped: its first line is "ray::Task() (pid=..)"; the
+    # original message is the last line of the embedded traceback.
+    if text.startswith("ray::") and "\n" in text:
+        text = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(cause, _SELF_EXPLAINING) and first:
+        return first
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+class StageFailed(RuntimeError):
+    """A stage raised. ``str()`` is the one console line; ``cause`` the original exception."""
+
+    def __init__(self, stage: str, cause: BaseException, log_path: Optional[str] = None):
+        line = f"stage '{stage}' failed: {one_line(cause)}"
+        if log_path:
+            line += f" (full trace in {log_path})"
+        super().__init__(line)
+        self.stage = stage
+        self.cause = cause
+        self.log_path = log_path
