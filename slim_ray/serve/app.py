@@ -2,10 +2,13 @@
 
     slim-ray serve --config configs/demo.yaml [--set serve.port=8000 serve.reasoner=false]
 
-    curl -s 127.0.0.1:8000/recommend -H 'content-type: application/json' -d '{"user_id": 1, "k": 5}'
-    curl -s 127.0.0.1:8000/recommend -d '{"history": [50, 172, 181], "k": 5}' -H 'content-type: application/json'
+    curl -s 127.0.0.1:8000/v1/recommend -H 'content-type: application/json' -d '{"user_id": 1, "k": 5}'
+    curl -s 127.0.0.1:8000/v1/recommend -H 'content-type: application/json' \
+         -d '{"history": [50, 172, 181], "k": 5, "explain": true}'
 
-Endpoints: ``POST /recommend`` (see ``RecommendRequest``), ``GET /info``, ``GET /healthz``.
+Endpoints: ``POST /v1/recommend`` (``/recommend``: alias), ``GET /v1/version``, ``GET /info``,
+``GET /healthz``, ``GET /openapi.json``; see docs/serve.md. With ``$SLIM_RAY_API_KEY`` set
+(``serve.api_key_env``) every endpoint but /healthz needs ``X-API-Key``.
 On a cluster (KubeRay RayService, ``serve run``) the import path is
 ``slim_ray.serve.app:app_builder`` with args ``{"config": "configs/demo.yaml", "set": [...]}``.
 """
@@ -13,36 +16,65 @@ On a cluster (KubeRay RayService, ``serve run``) the import path is
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import os
 import signal
 import sys
 import threading
 from typing import Any, Optional
 
+from slim_ray import __version__
+
 logger = logging.getLogger(__name__)
 
 
-def build_app(cfg):
-    """The serving graph as a Ray Serve Application (nothing starts until ``serve.run``)."""
+def _pinned(deployment, scaling, cfg, *init_args):
+    """``deployment.options(...)`` with a version derived from what the replica is built from, so
+    that a redeploy where only ``user_config`` changed (a model swap) reconfigures the running
+    replicas instead of replacing them (Serve otherwise gives every ``serve.run`` a new version)."""
+    s = cfg.serve
+    opts = scaling.serve_options(s.health_check_period_s, s.health_check_timeout_s)
+    blob = json.dumps([deployment.name, __version__, opts, init_args], sort_keys=True, default=repr)
+    version = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return deployment.options(**opts).options(version=version, _internal=True)
+
+
+def build_app(cfg, checkpoint: Optional[str] = None):
+    """The serving graph as a Ray Serve Application (nothing starts until ``serve.run``).
+
+    ``checkpoint`` (default ``serve.checkpoint``) goes into the recommender's ``user_config``:
+    deploying the same graph again with another one swaps the model without restarting replicas."""
     from slim_ray.encode.encoder import EncoderSpec
-    from slim_ray.serve.deployments import EncoderDeployment, Ingress, ReasonerDeployment, RecommenderDeployment
+    from slim_ray.serve.deployments import (EncoderDeployment, Ingress, ReasonerDeployment,
+                                            RecommenderDeployment, key_digest)
 
     s, e = cfg.serve, cfg.encode
+    # init args never carry the checkpoint: it changes through user_config only
+    base = cfg.model_copy(update={"serve": s.model_copy(update={"checkpoint": None})}).model_dump(mode="json")
     spec = EncoderSpec.from_config(e)
-    encoder = EncoderDeployment.options(**s.encoder_scaling.serve_options()).bind(
-        spec.path, e.dtype, e.normalize, e.max_seq_length, s.max_batch_size, s.batch_wait_timeout_s
-    )
-    recommender = RecommenderDeployment.options(**s.recommender_scaling.serve_options()).bind(
-        cfg.model_dump(mode="json")
-    )
+    enc_args = (spec.path, e.dtype, e.normalize, e.max_seq_length, s.max_batch_size, s.batch_wait_timeout_s)
+    encoder = _pinned(EncoderDeployment, s.encoder_scaling, cfg, *enc_args).bind(*enc_args)
+    rec_args = (base, s.max_batch_size, s.batch_wait_timeout_s)
+    recommender = (_pinned(RecommenderDeployment, s.recommender_scaling, cfg, *rec_args)
+                   .options(user_config={"checkpoint": checkpoint if checkpoint is not None else s.checkpoint})
+                   .bind(*rec_args))
     reasoner = None
     if s.reasoner:
         threads = max(1, int(round(s.reasoner_scaling.num_cpus)))
-        reasoner = ReasonerDeployment.options(**s.reasoner_scaling.serve_options()).bind(
-            cfg.model_dump(mode="json"), threads
-        )
-    settings = {"default_k": s.default_k, "max_k": s.max_k, "encoder": spec.model_id}
-    return Ingress.options(**s.ingress_scaling.serve_options()).bind(recommender, encoder, reasoner, settings)
+        rs_args = (base, threads, s.reasoner_max_batch_size, s.reasoner_batch_wait_timeout_s)
+        reasoner = _pinned(ReasonerDeployment, s.reasoner_scaling, cfg, *rs_args).bind(*rs_args)
+    settings = {
+        "default_k": s.default_k, "max_k": s.max_k, "encoder": spec.model_id,
+        "max_body_bytes": s.max_body_bytes, "max_history": s.max_history,
+        "max_rationale_chars": s.max_rationale_chars, "request_timeout_s": s.request_timeout_s,
+        "retry_after_s": s.retry_after_s, "reasoner_timeout_s": s.reasoner_timeout_s,
+        "health_timeout_s": s.health_check_timeout_s,
+        # only the key's SHA-256 reaches Serve (and its stored config)
+        "api_key_sha256": key_digest(os.environ.get(s.api_key_env) or None),
+    }
+    return _pinned(Ingress, s.ingress_scaling, cfg, settings).bind(recommender, encoder, reasoner, settings)
 
 
 def app_builder(args: dict[str, Any]):
@@ -67,6 +99,18 @@ def start(cfg) -> str:
     serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False,
               logging_config={"log_level": s.log_level})
     return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def swap(cfg, checkpoint: str) -> None:
+    """Serve another recommender checkpoint (a run name under ``<run_dir>/rec/`` or a run folder /
+    URI) without dropping requests: the same graph is deployed again with only the recommender's
+    ``user_config`` changed, so Serve calls ``reconfigure`` on the running replicas (each loads the
+    new model beside the old one and switches when it is ready)."""
+    from ray import serve
+
+    s = cfg.serve
+    serve.run(build_app(cfg, checkpoint), name=s.app_name, route_prefix=s.route_prefix, blocking=False,
+              logging_config={"log_level": s.log_level})
 
 
 def stop(cfg) -> None:
@@ -112,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         url = start(cfg)
         started.set()
-        print(f"[slim-ray serve] {url}/recommend ready (Ctrl-C stops)", flush=True)
+        print(f"[slim-ray serve] {url}/v1/recommend ready (Ctrl-C stops)", flush=True)
         done.wait()
     except KeyboardInterrupt:
         pass

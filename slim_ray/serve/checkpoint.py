@@ -1,39 +1,57 @@
 """Serve a trained recommender run (``slim_ray.rec``: ``rec/<backbone>-<mode>[-<role>]-s<seed>/``).
 
-``CheckpointScorer`` rebuilds the run with ``slim_ray.rec.train.load_run`` (model.pt + meta.json;
-text vectors are buffers inside model.pt, so the folder is self-contained) and scores one history
-exactly as the model does at evaluation (``SeqRec.last_user_vectors`` + ``item_table``), with one
-addition for serving: the rationale vector may come from the request (a fresh student rationale
-encoded by the encoder deployment) instead of the model's table of known users.
+``CheckpointScorer`` rebuilds the run with rec's own ``load_run`` (model.pt + meta.json; the
+weights load with ``torch.load(weights_only=True)``, never a pickle of arbitrary objects; text
+vectors are buffers inside model.pt, so the folder is self-contained) and scores histories exactly
+as the model does at evaluation (``SeqRec.last_user_vectors`` + ``item_table``), with one addition
+for serving: the rationale vector may come from the request (a fresh student rationale encoded by
+the encoder deployment) instead of the model's table of known users.
 
-Which run: ``serve.checkpoint`` (a run folder, or a run name under ``<run_dir>/rec/``), else the
-finished run with the best *validation* NDCG@10 (``meta.json``), never chosen on test metrics.
+The run folder may be on storage (``s3://...``): it is fetched once per node into the local cache
+(``storage.local_copy``, keyed by content) and loaded from there.
+
+Which run: ``serve.checkpoint`` (a run folder or URI, or a run name under ``<run_dir>/rec/``), else
+the finished run with the best *validation* NDCG@10 (``meta.json``), never chosen on test metrics.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import hashlib
 from typing import Optional, Sequence
 
 import numpy as np
 
+from slim_ray import storage
+
+
+def _is_run(path: str) -> bool:
+    try:
+        from slim_ray.rec.checkpoint import is_finished
+    except ImportError:
+        return storage.is_file(storage.join(path, "meta.json")) and storage.is_file(storage.join(path, "model.pt"))
+    return is_finished(path)
+
 
 def finished_runs(rec_dir: str) -> list[str]:
-    if not os.path.isdir(rec_dir):
+    try:
+        from slim_ray.rec.checkpoint import finished_runs as rec_finished_runs
+    except ImportError:
+        rec_finished_runs = None
+    if rec_finished_runs is not None:
+        return rec_finished_runs(rec_dir)
+    if not storage.is_dir(rec_dir):
         return []
-    return sorted(
-        os.path.join(rec_dir, d) for d in os.listdir(rec_dir)
-        if os.path.isfile(os.path.join(rec_dir, d, "meta.json")) and os.path.isfile(os.path.join(rec_dir, d, "model.pt"))
-    )
+    fs, root = storage.resolve(rec_dir)
+    names = [i.base_name for i in fs.get_file_info(storage.pafs.FileSelector(root))
+             if i.type == storage.pafs.FileType.Directory]
+    return sorted(storage.join(rec_dir, n) for n in names if _is_run(storage.join(rec_dir, n)))
 
 
-def find_run(cfg) -> str:
+def resolve_run(cfg, chosen: Optional[str]) -> str:
     """The run folder to serve (see module doc). FileNotFoundError when there is none."""
-    chosen = cfg.serve.checkpoint
     if chosen:
-        path = chosen if os.path.isdir(chosen) else os.path.join(cfg.layout.rec, chosen)
-        if not (os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, "model.pt"))):
+        path = chosen if storage.is_dir(chosen) else storage.join(cfg.layout.rec, chosen)
+        if not _is_run(path):
             raise FileNotFoundError(f"serve.checkpoint={chosen!r}: {path} has no finished run (meta.json + model.pt)")
         return path
     runs = finished_runs(cfg.layout.rec)
@@ -41,27 +59,51 @@ def find_run(cfg) -> str:
         raise FileNotFoundError(f"no finished recommender run under {cfg.layout.rec} (run `slim-ray train`)")
 
     def valid_ndcg(run: str) -> float:
-        with open(os.path.join(run, "meta.json")) as f:
-            return float(json.load(f).get("best_valid_ndcg@10") or -1.0)
+        return float((storage.read_json(storage.join(run, "meta.json")) or {}).get("best_valid_ndcg@10") or -1.0)
 
     return max(runs, key=lambda r: (valid_ndcg(r), r))
+
+
+def find_run(cfg) -> str:
+    return resolve_run(cfg, cfg.serve.checkpoint)
+
+
+def _load_run(local_dir: str):
+    """rec's loader: ``slim_ray.rec.checkpoint.load_run`` where it exists, else ``rec.train``'s."""
+    try:
+        from slim_ray.rec.checkpoint import load_run
+    except ImportError:
+        from slim_ray.rec.train import load_run
+    return load_run(local_dir)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class CheckpointScorer:
     """A trained SeqRec run behind the ``Scorer`` interface of ``slim_ray.serve.recommender``."""
 
     def __init__(self, run_dir: str, threads: Optional[int] = None):
-        import torch
+        import os
 
-        from slim_ray.rec.train import load_run
+        import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model, self.meta = load_run(run_dir)
+        local = storage.local_copy(run_dir)
+        self.model, self.meta = _load_run(local)
         self.run_dir = run_dir
         m = self.meta
-        self.name = f"checkpoint:{os.path.basename(run_dir.rstrip('/'))}"
+        self.run_name = storage.basename(run_dir.rstrip("/"))
+        self.name = f"checkpoint:{self.run_name}"
+        #: content hash of the weights: the version a response reports
+        self.sha256 = file_sha256(os.path.join(local, "model.pt"))
         self.max_len = int(m["hp"]["max_len"])
         self.n_items = int(m["n_items"])
         with torch.no_grad():
@@ -71,6 +113,12 @@ class CheckpointScorer:
     @property
     def uses_rationales(self) -> bool:
         return bool(self.model.uses_rationales)
+
+    @property
+    def version(self) -> dict:
+        return {"checkpoint": self.run_name, "sha256": self.sha256, "uri": self.run_dir,
+                "backbone": self.meta.get("backbone"), "variant": self.meta.get("variant"),
+                "role": self.meta.get("role")}
 
     def stored_user_vector(self, user_id: int) -> Optional[np.ndarray]:
         """The rationale vector the model was trained with for a known user (None: has none)."""
@@ -82,24 +130,33 @@ class CheckpointScorer:
         return self.model.user_text[user_id].numpy().copy()
 
     def scores(self, history: Sequence[int], user_vec: Optional[np.ndarray]) -> np.ndarray:
+        return self.scores_many([history], [user_vec])[0]
+
+    def scores_many(self, histories: Sequence[Sequence[int]],
+                    user_vecs: Sequence[Optional[np.ndarray]]) -> np.ndarray:
+        """[B, n_items + 1] scores of B histories in one forward pass (what a served batch runs)."""
         torch = self.torch
         from slim_ray.rec.data import pad_right
 
-        hist = [i for i in history if 0 < i <= self.n_items]
-        if not hist:
-            raise ValueError(f"{self.name}: the history has no item the model knows (ids 1..{self.n_items})")
-        seq, lens = pad_right([np.asarray(hist, dtype=np.int64)], self.max_len)
+        rows = []
+        for history in histories:
+            hist = [i for i in history if 0 < i <= self.n_items]
+            if not hist:
+                raise ValueError(f"{self.name}: the history has no item the model knows (ids 1..{self.n_items})")
+            rows.append(np.asarray(hist, dtype=np.int64))
+        seq, lens = pad_right(rows, self.max_len)
         seq_t, lens_t = torch.from_numpy(seq), torch.from_numpy(lens)
         model = self.model
         with torch.no_grad():
             emb = self.table[seq_t] * (seq_t > 0)[..., None].to(self.table.dtype)
             h = model.backbone(emb, seq_t, lens_t)
             if h.dim() == 3:
-                h = h[torch.arange(1), lens_t - 1]
+                h = h[torch.arange(len(rows)), lens_t - 1]
             if model.uses_rationales:
-                h = model.g_f(torch.cat([self._rationale(user_vec)[None], h], -1))
-            s = (h @ self.table.T)[0].numpy().astype(np.float64)
-        s[0] = -np.inf
+                r = torch.stack([self._rationale(v) for v in user_vecs])
+                h = model.g_f(torch.cat([r, h], -1))
+            s = (h @ self.table.T).numpy().astype(np.float64)
+        s[:, 0] = -np.inf
         return s
 
     def _rationale(self, user_vec: Optional[np.ndarray]):
@@ -118,5 +175,6 @@ class CheckpointScorer:
         return model.g_l(v)
 
 
-def load_checkpoint_scorer(cfg) -> CheckpointScorer:
-    return CheckpointScorer(find_run(cfg), threads=max(1, int(round(cfg.serve.recommender_scaling.num_cpus))))
+def load_checkpoint_scorer(cfg, checkpoint: Optional[str] = None) -> CheckpointScorer:
+    run = resolve_run(cfg, checkpoint if checkpoint is not None else cfg.serve.checkpoint)
+    return CheckpointScorer(run, threads=max(1, int(round(cfg.serve.recommender_scaling.num_cpus))))

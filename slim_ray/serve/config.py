@@ -26,8 +26,10 @@ class AutoscalingConfig(StageConfig):
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
 
-    def serve_options(self) -> dict:
+    def serve_options(self, health_check_period_s: float = 10.0, health_check_timeout_s: float = 30.0) -> dict:
         return {
+            "health_check_period_s": health_check_period_s,
+            "health_check_timeout_s": health_check_timeout_s,
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "initial_replicas": max(1, self.min_replicas),
@@ -105,9 +107,32 @@ class ServeConfig(StageConfig):
         128, ge=8, description="Tokens a served rationale may have (greedy decoding)."
     )
     default_k: int = Field(10, ge=1, description="Top-k when a request does not say.")
-    max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
-    max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the encoder deployment.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    max_k: int = Field(100, ge=1, description="Largest k a request may ask for (larger: 422).")
+    max_body_bytes: int = Field(65536, ge=256, description="Largest request body in bytes (larger: 413).")
+    max_history: int = Field(1000, ge=1, description="Most item ids a request's history may hold (more: 422).")
+    max_rationale_chars: int = Field(
+        4000, ge=1, description="Longest rationale text a request may send (longer: 422).")
+    api_key_env: str = Field(
+        "SLIM_RAY_API_KEY",
+        description="Environment variable holding the API key. When it is set (non-empty) where the "
+        "graph is built, every endpoint but /healthz needs the header 'X-API-Key: <key>' "
+        "(or 'Authorization: Bearer <key>'); 401 without it. Only its SHA-256 reaches Serve.",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="How long the ingress waits for a downstream deployment; then 503 + Retry-After.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After of a 503 (a downstream replica died or timed out).")
+    reasoner_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Deadline of a student rationale; past it the run's learned no-rationale vector is "
+        "used and the response says so (fallback: reasoner-deadline).",
+    )
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the encoder and recommender deployments.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long an encoder/recommender batch waits to fill.")
+    reasoner_max_batch_size: int = Field(4, ge=1, description="@serve.batch size of the student reasoner.")
+    reasoner_batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="How long a reasoner batch waits to fill.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period of every deployment.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A health check slower than this fails.")
     ingress_scaling: IngressScaling = Field(default_factory=IngressScaling, description="Autoscaling of the HTTP ingress.")
     encoder_scaling: EncoderScaling = Field(
         default_factory=EncoderScaling, description="Autoscaling of the encoder deployment (batched)."

@@ -50,26 +50,54 @@ class Reasoner:
         spec = resolve_model(cfg, gen)
         self.model_id = spec.model_id
         self.pb = prompt_builder(cfg, "student", tokenizer=spec.tokenizer)
+        self.adapter_sha256 = None
+        if spec.adapter:
+            from slim_ray import storage
+            from slim_ray.assets import hash_folder
+
+            self.adapter_sha256 = hash_folder(storage.local_copy(spec.adapter))
         self.engine = HFEngine(spec.path, sampling_params(gen), dtype=gen.dtype, threads=threads,
                                seed=cfg.seed, adapter=spec.adapter)
 
+    @property
+    def version(self) -> dict:
+        """The student being served: its model id and, for a LoRA export, the adapter's content hash."""
+        return {"model": self.model_id, "adapter_sha256": self.adapter_sha256}
+
+    def probe(self) -> str:
+        """Health probe: the model is loaded and the tokenizer renders a prompt."""
+        if self.engine.model is None:
+            raise RuntimeError("the student model is not loaded")
+        n = len(self.engine.tok("health probe")["input_ids"])
+        if n <= 0:
+            raise RuntimeError("the student's tokenizer gave no tokens")
+        return f"{self.model_id}: loaded"
+
     def reason(self, item_ids: Sequence[int]) -> dict[str, Any]:
         """-> {"text", "steps", "n_shown", "n_prompt_tokens", "n_output_tokens", "seconds", "model"}."""
+        return self.reason_many([item_ids])[0]
+
+    def reason_many(self, histories: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
+        """One rationale per history, all in one ``generate`` call (a served batch)."""
         from slim_ray.prompts import build_messages, parse_answer
 
-        if not item_ids:
+        if any(not h for h in histories):
             raise ValueError("the reasoner needs a non-empty history")
-        hist = self.pb.history(item_ids)  # KeyError naming an unknown item id
-        msgs, n_shown = build_messages(self.pb.template, hist, **self.pb.kw)
+        hists = [self.pb.history(item_ids) for item_ids in histories]  # KeyError naming an unknown item id
+        built = [build_messages(self.pb.template, hist, **self.pb.kw) for hist in hists]
         t0 = time.perf_counter()
-        ((text, n_in, n_out),) = self.engine.generate([msgs])
-        parsed = parse_answer(text, [h.get("title") or "" for h in hist])
-        return {
-            "text": text,
-            "steps": [parsed.step1, parsed.step2, parsed.step3],
-            "n_shown": n_shown,
-            "n_prompt_tokens": n_in,
-            "n_output_tokens": n_out,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "model": self.model_id,
-        }
+        outs = self.engine.generate([msgs for msgs, _ in built])
+        seconds = round(time.perf_counter() - t0, 3)
+        results = []
+        for hist, (_, n_shown), (text, n_in, n_out) in zip(hists, built, outs):
+            parsed = parse_answer(text, [h.get("title") or "" for h in hist])
+            results.append({
+                "text": text,
+                "steps": [parsed.step1, parsed.step2, parsed.step3],
+                "n_shown": n_shown,
+                "n_prompt_tokens": n_in,
+                "n_output_tokens": n_out,
+                "seconds": seconds,
+                "model": self.model_id,
+            })
+        return results

@@ -17,13 +17,12 @@ Scorers:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
-from slim_ray.data.io import read_items, read_sequences
+from slim_ray import storage
 from slim_ray.encode.store import load_embeddings
 
 logger = logging.getLogger(__name__)
@@ -84,44 +83,67 @@ class TextMatchScorer:
 
 @dataclass
 class Catalog:
-    """Items (id -> title), known users' histories and stored rationale vectors of one run."""
+    """Items (id -> key, title), known users' histories, stored rationale vectors and texts of one run.
+
+    Held in memory by each recommender replica (fine up to a few million rows; a keyed store is
+    the next step beyond that)."""
 
     titles: dict[int, str]
     texts: dict[int, str]
+    keys: dict[int, str] = field(default_factory=dict)
     histories: dict[int, list[int]] = field(default_factory=dict)
     user_vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    rationales: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, layout, user_role: str = "student") -> "Catalog":
-        items = read_items(layout.items, columns=["item_id", "title", "text"])
+        items = storage.read_table(layout.items, columns=["item_id", "item_key", "title", "text"])
+        if items is None:
+            raise FileNotFoundError(f"{layout.items}: no items (run `slim-ray prepare` first)")
         ids = items.column("item_id").to_pylist()
         cat = cls(dict(zip(ids, items.column("title").to_pylist())),
-                  dict(zip(ids, items.column("text").to_pylist())))
-        if os.path.exists(layout.sequences):
-            seq = read_sequences(layout.sequences, columns=["user_id", "item_ids"])
+                  dict(zip(ids, items.column("text").to_pylist())),
+                  dict(zip(ids, items.column("item_key").to_pylist())))
+        seq = storage.read_table(layout.sequences, columns=["user_id", "item_ids"])
+        if seq is not None:
             cat.histories = dict(zip(seq.column("user_id").to_pylist(), seq.column("item_ids").to_pylist()))
-        if user_role != "none" and os.path.isdir(layout.user_embeddings(user_role)):
+        if user_role != "none":
+            cat.load_user_role(layout, user_role)
+        return cat
+
+    def load_user_role(self, layout, role: str) -> None:
+        """Stored rationale vectors (embeddings/<role>/) and texts (rationales/<role>/): for a user
+        with several rationales, the one written from the longest prefix."""
+        if storage.is_dir(layout.user_embeddings(role)):
             try:
-                uids, uvecs = load_embeddings(layout.user_embeddings(user_role), kind="user")
-                cat.user_vectors = dict(zip(uids.tolist(), uvecs))
+                uids, uvecs = load_embeddings(layout.user_embeddings(role), kind="user")
+                self.user_vectors = dict(zip(uids.tolist(), uvecs))
             except FileNotFoundError:
                 pass
-        return cat
+        if storage.is_dir(layout.rationales(role)):
+            rat = storage.read_table(layout.rationales(role), columns=["user_id", "prefix_len", "text", "error"])
+            if rat is not None:
+                best: dict[int, tuple[int, str]] = {}
+                for u, n, t, err in zip(*(rat.column(c).to_pylist() for c in ("user_id", "prefix_len", "text", "error"))):
+                    if err is None and t and (u not in best or (n or 0) >= best[u][0]):
+                        best[u] = (n or 0, t)
+                self.rationales = {u: t for u, (_, t) in best.items()}
 
     def unknown_items(self, history: Sequence[int]) -> list[int]:
         return [i for i in history if i not in self.titles]
 
 
-def load_scorer(cfg) -> Scorer:
-    """The scorer ``serve.recommender`` asks for (see ServeConfig)."""
+def load_scorer(cfg, checkpoint: Optional[str] = None) -> Scorer:
+    """The scorer ``serve.recommender`` asks for (see ServeConfig); ``checkpoint`` overrides
+    ``serve.checkpoint`` (a model swap while serving)."""
     s = cfg.serve
     if s.recommender in ("auto", "checkpoint"):
         try:
             from slim_ray.serve.checkpoint import load_checkpoint_scorer
 
-            scorer = load_checkpoint_scorer(cfg)
+            scorer = load_checkpoint_scorer(cfg, checkpoint)
         except (ImportError, FileNotFoundError) as e:
-            if s.recommender == "checkpoint":
+            if s.recommender == "checkpoint" or checkpoint:
                 raise FileNotFoundError(f"serve.recommender=checkpoint but no checkpoint could be loaded: {e}") from e
             logger.warning("no trained recommender (%s); serving text matching", e)
             scorer = None
@@ -129,3 +151,129 @@ def load_scorer(cfg) -> Scorer:
             return scorer
     ids, vecs = load_embeddings(cfg.layout.item_embeddings, kind="item")
     return TextMatchScorer(ids, vecs)
+
+
+class RequestError(Exception):
+    """A client error: HTTP status, the request field at fault, and a message naming it."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "field": self.field, "message": self.message}
+
+
+class Recommender:
+    """Everything the recommender deployment does for a batch of requests, without Ray.
+
+    One request is a dict ``{user_id, history, k, vector, path, explain, student}``: ``vector`` is
+    a rationale vector the ingress already has (``path`` says where it came from), ``student`` says
+    whether the ingress could ask the student for a rationale. ``answer_many`` resolves known users,
+    validates item ids, scores every request that is ready in ONE forward pass and returns, per
+    request, one of ``{"items", "path", "rationale", "version"}``, ``{"need_rationale": True,
+    "history"}`` (ask the student, then call again with its vector) or ``{"error": {...}}``.
+    """
+
+    def __init__(self, cfg, checkpoint: Optional[str] = None, catalog: Optional[Catalog] = None):
+        self.cfg = cfg
+        self.scorer = load_scorer(cfg, checkpoint)
+        role = cfg.serve.user_embeddings
+        meta = getattr(self.scorer, "meta", None) or {}
+        if role != "none" and meta.get("role") in ("student", "teacher"):
+            role = meta["role"]  # the rationales the checkpoint was trained with
+        self.catalog = catalog or Catalog.load(cfg.layout, role)
+        self.data_snapshot = _data_snapshot(cfg.layout)
+
+    @property
+    def uses_rationales(self) -> bool:
+        return bool(getattr(self.scorer, "uses_rationales", True))
+
+    @property
+    def version(self) -> dict:
+        v = getattr(self.scorer, "version", None) or {"checkpoint": None, "sha256": None, "scorer": self.scorer.name}
+        return {**v, "scorer": self.scorer.name, "data_snapshot": self.data_snapshot}
+
+    def _stored_vector(self, user_id: int) -> Optional[np.ndarray]:
+        stored = getattr(self.scorer, "stored_user_vector", None)
+        return stored(user_id) if stored is not None else self.catalog.user_vectors.get(user_id)
+
+    def plan(self, req: dict) -> dict:
+        """Resolve one request: its history, vector and path, or what is missing (no scoring)."""
+        cat, user_id, history = self.catalog, req.get("user_id"), req.get("history")
+        known = user_id is not None and user_id in cat.histories
+        if user_id is not None and not known and history is None:
+            raise RequestError(404, "user_id", f"user_id: unknown user {user_id}; send its history instead")
+        if history is None:
+            history = list(cat.histories.get(user_id, []))
+        if not history:
+            raise RequestError(422, "history", "history: give a user_id of the run or a non-empty list of item ids")
+        unknown = cat.unknown_items(history)
+        if unknown:
+            raise RequestError(422, "history", f"history: unknown item ids {unknown[:10]}")
+        vec, path, rationale = req.get("vector"), req.get("path") or "history", req.get("rationale")
+        if not self.uses_rationales:  # an id / id_text run: the history alone makes the user vector
+            vec, path = None, "history"
+        elif vec is None:
+            stored = self._stored_vector(user_id) if known and req.get("history") is None else None
+            if stored is not None:
+                vec, path = stored, "stored-rationale"
+                rationale = cat.rationales.get(user_id) if req.get("explain") else None
+            elif req.get("student") and (req.get("explain") or not known):
+                # a raw history, or a known user without a stored rationale who asked for one
+                return {"need_rationale": True, "history": history}
+            else:
+                path = "no-rationale"  # the run's learned "no rationale" vector
+        return {"history": history, "vector": vec, "path": path, "rationale": rationale}
+
+    def answer_many(self, reqs: list[dict]) -> list[dict]:
+        out: list[Optional[dict]] = [None] * len(reqs)
+        ready: list[tuple[int, dict, dict]] = []
+        for n, req in enumerate(reqs):
+            try:
+                p = self.plan(req)
+            except RequestError as e:
+                out[n] = {"error": e.as_dict()}
+                continue
+            if p.get("need_rationale"):
+                out[n] = p
+            else:
+                ready.append((n, req, p))
+        if ready:
+            scorer, version = self.scorer, self.version  # one model for the whole batch, even mid-swap
+            many = getattr(scorer, "scores_many", None)
+            try:
+                if many is not None:
+                    rows = many([p["history"] for _, _, p in ready], [p["vector"] for _, _, p in ready])
+                else:
+                    rows = [scorer.scores(p["history"], p["vector"]) for _, _, p in ready]
+            except ValueError as e:  # e.g. a rationale vector of the wrong width
+                for n, _, _ in ready:
+                    out[n] = {"error": {"status": 422, "field": "rationale", "message": str(e)}}
+                return out
+            for (n, req, p), s in zip(ready, rows):
+                out[n] = {"items": self.items(top_k(s, p["history"], req["k"])), "path": p["path"],
+                          "rationale": p["rationale"], "history_len": len(p["history"]), "version": version}
+        return out
+
+    def items(self, ranked: list[tuple[int, float]]) -> list[dict]:
+        cat = self.catalog
+        return [{"id": i, "key": cat.keys.get(i), "title": cat.titles.get(i), "score": round(s, 6)}
+                for i, s in ranked]
+
+    def probe(self) -> None:
+        """Health probe: the model is loaded and scores a one-item history to finite numbers."""
+        item = next(iter(self.catalog.titles))
+        s = self.scorer.scores([item], None)
+        if not np.isfinite(s[1:]).any():
+            raise RuntimeError(f"{self.scorer.name}: the probe scored no item")
+
+
+def _data_snapshot(layout) -> Optional[str]:
+    """The prepared data's identity: its stage fingerprint (manifest), else a listing hash."""
+    from slim_ray.lineage import fingerprint_path
+
+    try:
+        return fingerprint_path(layout.prepared)
+    except (FileNotFoundError, OSError):
+        return None

@@ -31,6 +31,17 @@ HISTORIES = {1: [1, 4, 9, 6], 2: [2, 7, 12], 3: [3, 8, 5, 10]}
 STORED_RATIONALE = "Step 1: the user loves space opera and science fiction adventures with wars in space."
 
 
+def write_rationales(cfg) -> None:
+    """User 1's stored student rationale text (the rationales contract): what explain=true returns."""
+    from slim_ray.data.schemas import RATIONALES_SCHEMA
+
+    folder = cfg.layout.rationales("student")
+    os.makedirs(folder, exist_ok=True)
+    row = {c: [None] for c in RATIONALES_SCHEMA.names}
+    row.update(rationale_key=["k1"], user_id=[1], role=["student"], prefix_len=[2], text=[STORED_RATIONALE])
+    pq.write_table(pa.Table.from_pydict(row, schema=RATIONALES_SCHEMA), os.path.join(folder, "part-0.parquet"))
+
+
 def write_embeddings(folder: str, kind: str, ids: list[int], texts: list[str], cfg) -> None:
     """Vectors in the embeddings contract, exactly as the encode stage writes them."""
     spec = EncoderSpec.from_config(cfg.encode)
@@ -60,6 +71,7 @@ def write_run(cfg) -> None:
     }, schema=SEQUENCES_SCHEMA), os.path.join(lay.sequences, "part-0.parquet"))
     write_embeddings(lay.item_embeddings, "item", ids, MOVIES, cfg)
     write_embeddings(lay.user_embeddings("student"), "user", [1], [STORED_RATIONALE], cfg)
+    write_rationales(cfg)
 
 
 def write_checkpoint(cfg, best_valid: float = 0.5, seed: int = 0) -> str:
@@ -67,6 +79,7 @@ def write_checkpoint(cfg, best_valid: float = 0.5, seed: int = 0) -> str:
     the keys train_one writes). Untrained weights: the tests compare serving with the model itself."""
     import torch
 
+    from slim_ray.rec.checkpoint import write_run as publish
     from slim_ray.rec.train import build_model, load_data, run_spec
 
     spec = run_spec(cfg, "sasrec", "slim", "student", seed)
@@ -74,11 +87,8 @@ def write_checkpoint(cfg, best_valid: float = 0.5, seed: int = 0) -> str:
     data = load_data(spec)
     model, _ = build_model(spec, data)
     run_dir = cfg.layout.rec_run("sasrec", "slim", seed, "student")
-    os.makedirs(run_dir, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(run_dir, "model.pt"))
     meta = {**{k: spec[k] for k in ("backbone", "mode", "role", "variant", "seed", "hp", "fingerprint",
                                     "missing_rationale", "max_users")},
             "best_valid_ndcg@10": best_valid, "n_items": data.n_items, "max_user_id": data.n_users}
-    with open(os.path.join(run_dir, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    publish(run_dir, model.state_dict(), meta)
     return run_dir

@@ -1,5 +1,6 @@
-"""The recommender side of serving without Ray: top-k rules, text matching, and a trained-run
-checkpoint scored exactly like slim_ray.rec scores it."""
+"""The recommender side of serving without Ray: top-k rules, text matching, a trained-run
+checkpoint scored exactly like slim_ray.rec scores it (one history or a batch), the request plan
+of ``Recommender`` (one call for a known user), and request parsing (limits, NaN, huge integers)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from slim_ray.config import load_config
 from slim_ray.encode.encoder import encode_texts
 from slim_ray.encode.store import load_embeddings
 from slim_ray.serve.recommender import TextMatchScorer, load_scorer, top_k
+
+from slim_ray.serve.recommender import Recommender
 
 from serve_testdata import HISTORIES, STORED_RATIONALE, write_checkpoint, write_run
 
@@ -78,3 +81,68 @@ def test_checkpoint_scorer_matches_the_rec_model(cfg):
     np.testing.assert_allclose(scorer.scores(HISTORIES[2], None)[1:], ref2[1:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="384"):
         scorer.scores([1], np.ones(10, np.float32))
+
+    # A batch is scored in one forward pass, row for row equal to scoring each history alone.
+    hists, vecs = [HISTORIES[1], HISTORIES[2], [5, 9]], [vec, None, np.ones(384, np.float32)]
+    many = scorer.scores_many(hists, vecs)
+    for row, h, v in zip(many, hists, vecs):
+        np.testing.assert_allclose(row[1:], scorer.scores(h, v)[1:], rtol=1e-5, atol=1e-5)
+    assert scorer.version["checkpoint"] == "sasrec-slim-student-s0" and len(scorer.version["sha256"]) == 64
+
+
+def test_recommender_plans_each_request_and_answers_a_batch_at_once(cfg):
+    write_checkpoint(cfg, best_valid=0.7, seed=0)
+    rec = Recommender(cfg)
+    known = {"user_id": 1, "history": None, "k": 3, "explain": True, "student": True}
+    raw = {"user_id": None, "history": [2, 7], "k": 3, "explain": False, "student": True}
+    no_student = {**raw, "student": False}
+    bad = [{"user_id": 99, "history": None, "k": 3}, {"user_id": None, "history": [1, 0, 77], "k": 3},
+           {"user_id": None, "history": [], "k": 3}]
+    out = rec.answer_many([known, raw, no_student, *bad])
+    # known user: stored rationale vector and its text, answered in this one call
+    assert out[0]["path"] == "stored-rationale" and out[0]["rationale"] == STORED_RATIONALE
+    assert [it["id"] for it in out[0]["items"]] == [i for i, _ in top_k(
+        rec.scorer.scores(HISTORIES[1], rec.scorer.stored_user_vector(1)), HISTORIES[1], 3)]
+    assert out[0]["items"][0]["key"] == str(out[0]["items"][0]["id"]) and out[0]["items"][0]["title"]
+    assert out[0]["version"]["checkpoint"] == "sasrec-slim-student-s0"
+    assert out[1] == {"need_rationale": True, "history": [2, 7]}  # the student writes one first
+    assert out[2]["path"] == "no-rationale" and len(out[2]["items"]) == 3
+    assert out[3]["error"]["status"] == 404 and out[3]["error"]["field"] == "user_id"
+    assert out[4]["error"]["field"] == "history" and "[0, 77]" in out[4]["error"]["message"]
+    assert out[5]["error"]["status"] == 422
+    # a known user without a stored rationale asks the student only when an explanation is wanted
+    assert rec.answer_many([{"user_id": 2, "history": None, "k": 2, "explain": True, "student": True}]) == [
+        {"need_rationale": True, "history": HISTORIES[2]}]
+    assert rec.answer_many([{"user_id": 2, "history": None, "k": 2, "student": True}])[0]["path"] == "no-rationale"
+
+
+SETTINGS = {"max_k": 50, "max_history": 5, "max_rationale_chars": 20}
+
+
+@pytest.mark.parametrize("body, status, field", [
+    (b"", 400, "body"), (b"   ", 400, "body"), (b"{", 400, "body"), (b"\xff\xfe", 400, "body"),
+    (b"[1, 2]", 422, "body"), (b"null", 422, "body"),
+    (b'{"user_id": NaN}', 422, "user_id"), (b'{"history": [1, Infinity]}', 422, "history"),
+    (b'{"k": -Infinity}', 422, "k"), (b'{"rationale": NaN}', 422, "rationale"), (b'{"k": 1e999}', 422, "k"),
+    (b'{"user_id": 123456789012345678901234567890}', 422, "user_id"), (b'{"user_id": "1"}', 422, "user_id"),
+    (b'{"user_id": 1.0}', 422, "user_id"), (b'{"user_id": true}', 422, "user_id"), (b'{"user_id": -1}', 422, "user_id"),
+    (b'{"history": "1,2"}', 422, "history"), (b'{"history": [1, "2"]}', 422, "history"),
+    (b'{"history": [1, 2, 3, 4, 5, 6]}', 422, "history"), (b'{"k": 0}', 422, "k"), (b'{"k": 51}', 422, "k"),
+    (b'{"rationale": "' + b"x" * 21 + b'"}', 422, "rationale"), (b'{"explain": "yes"}', 422, "explain"),
+    (b'{"user": 1}', 422, "user"), (b"[" * 100000, 400, "body"),
+])
+def test_bad_bodies_are_4xx_naming_the_field(body, status, field):
+    from slim_ray.serve.deployments import ApiError, parse_request
+
+    with pytest.raises(ApiError) as e:
+        parse_request(body, SETTINGS)
+    assert (e.value.status, e.value.field) == (status, field)
+    assert e.value.message.startswith(field) and len(e.value.message) < 300
+
+
+def test_good_bodies_parse():
+    from slim_ray.serve.deployments import parse_request
+
+    r = parse_request(b'{"history": [1, 2, 3, 4, 5], "k": 50, "explain": true, "rationale": "space films"}', SETTINGS)
+    assert (r.history, r.k, r.explain, r.rationale, r.user_id) == ([1, 2, 3, 4, 5], 50, True, "space films", None)
+    assert parse_request(b'{"user_id": 9223372036854775807}', SETTINGS).user_id == 2**63 - 1
