@@ -58,6 +58,22 @@ class GenerateConfig(StageConfig):
         1, ge=1, description="Users whose training prefix (item_ids[:-2]) is shorter are skipped "
         "with a count."
     )
+    rationale_cut: Literal["consistent", "full_prefix"] = Field(
+        "consistent", description="Which part of the training prefix (L = len(item_ids) - 2 items) "
+        "a rationale is written from. consistent: the first c = max(1, min(L - cut_min_tail, "
+        "floor(L * (1 - cut_tail_fraction)))) items, so the training targets after c were never "
+        "read by the rationale (a user with L <= cut_min_tail + 1 gets c = 1, and fewer than "
+        "cut_min_tail targets remain). full_prefix: c = L (the whole training prefix; the rationale "
+        "has read every training target -- kept for comparison). prefix_len records c."
+    )
+    cut_tail_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="consistent cut: share of the training prefix kept after the "
+        "cut as targets the rationale never saw."
+    )
+    cut_min_tail: int = Field(
+        3, ge=0, description="consistent cut: at least this many training items after the cut, when "
+        "the training prefix is long enough (the cut never goes below 1 item)."
+    )
     # ---- sampling
     max_new_tokens: int = Field(256, ge=1, description="Generated tokens per answer at most.")
     min_new_tokens: int = Field(
@@ -77,9 +93,11 @@ class GenerateConfig(StageConfig):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype: auto = bfloat16 when the CPU/GPU supports it, else float32."
     )
-    rows_per_file: Optional[int] = Field(
-        None, ge=1, description="Rows per output Parquet part (default: batch_size). A crash loses at "
-        "most the rows not yet in a part."
+    rows_per_file: int = Field(
+        100_000, ge=1, description="Rows per output Parquet part (the last part of a run holds the "
+        "rest, so a run smaller than this writes one part). Large parts suit object stores and "
+        "Ray Data; a crash loses at most the rows not yet in a part, so lower it when a part's "
+        "worth of generation is expensive to redo."
     )
     # ---- vllm
     max_model_len: int = Field(2048, ge=128, description="vllm: context length of the engine.")
@@ -110,7 +128,19 @@ class GenerateConfig(StageConfig):
         default_factory=dict, description="openai: extra JSON fields merged into every request body "
         "(e.g. {repetition_penalty: 1.1} for endpoints that accept it; slim-ray serve-llm and vllm do)."
     )
-    max_retries: int = Field(3, ge=0, description="openai: retries with exponential backoff per request.")
+    max_retries: int = Field(
+        3, ge=0, description="openai: retries per request (connection errors, timeouts, HTTP 408/409/"
+        "425/429/5xx, malformed JSON); a row that still fails gets an error and is retried by the next run."
+    )
+    request_timeout_s: float = Field(120.0, gt=0, description="openai: timeout of one HTTP request.")
+    retry_base_s: float = Field(
+        1.0, ge=0, description="openai: wait before retry n is retry_base_s * 2**n, unless the server "
+        "sends Retry-After (seconds), which is honoured."
+    )
+    retry_max_wait_s: float = Field(60.0, ge=0, description="openai: longest wait between two attempts.")
+    max_concurrent_requests: int = Field(
+        8, ge=1, description="openai: requests in flight at once per engine replica."
+    )
     tokenizer: Optional[str] = Field(
         None, description="Tokenizer for the prompt budget (packaged name or HF folder) when the "
         "model has none locally (openai). None: the model's, else ~4 chars per token."

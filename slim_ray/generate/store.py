@@ -1,29 +1,33 @@
-"""The rationales output folder: incremental parts, the done set, and compaction.
+"""The rationales output folder: parts, the done set, compaction and the folder's totals.
 
-Layout of ``rationales/<role>/``: ``part-<hash>.parquet`` files, each written atomically (temp file
-+ rename) by the writer task of one batch; the part name is a hash of its keys, so a retried task
-rewrites the same file instead of adding a copy. A crash loses at most the rows not yet in a part.
+Layout of ``rationales/<role>/`` (a local folder or a storage URI, see ``slim_ray.storage``):
+``part-<hash>.parquet`` files, each published in one piece by ``storage.write_table`` (temp name +
+move on a local disk, a single PUT on an object store); the part name is a hash of its keys, so a
+retried task rewrites the same object instead of adding a copy. A crash loses at most the rows not
+yet in a part. Parts are large (``GenerateConfig.rows_per_file``, 100k rows by default, or the whole
+stage output when it is smaller): an object store and Ray Data both work best with few big files.
 
 Identity of a row: the pair (user_id, rationale_key), hashed to one int64 (``pair_hash``) so the
 done set of a million users is 8 MB, shipped once to the prompt workers.
 
-``compact(out_dir, wanted)`` runs after a successful run: it keeps exactly one row per wanted pair
-(a success beats an earlier failure; later duplicates are dropped) and removes rows of pairs the
-current config no longer produces (another prompt version, model or sampling). Only the parts that
-change are rewritten, each atomically.
+``compact(out_dir, wanted)`` runs after each run: it keeps exactly one row per wanted pair (a
+success beats an earlier failure; later duplicates are dropped) and removes rows of pairs the
+current config no longer produces (another prompt version, model or sampling). It reads one part at
+a time and rewrites only the parts that change. ``folder_totals`` then counts done and failed rows
+and sums tokens over the successful rows, again part by part: these are the running totals across
+resumes, each successful row counted once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from slim_ray import storage
 from slim_ray.data.schemas import RATIONALES_SCHEMA
 
 #: The rationales contract plus the parser's flags.
@@ -47,90 +51,142 @@ def pair_hash(user_ids: Iterable[int], keys: Iterable[str]) -> np.ndarray:
 
 
 def part_files(out_dir: str) -> list[str]:
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(
-        os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("part-") and f.endswith(".parquet")
-    )
+    """URIs of the published parts (temp objects are hidden names and never listed)."""
+    return [f for f in storage.list_files(out_dir, suffix=".parquet") if storage.basename(f).startswith("part-")]
 
 
 def remove_temp_files(out_dir: str) -> int:
     """Temp files of parts that a killed run did not finish."""
-    n = 0
-    if os.path.isdir(out_dir):
-        for f in os.listdir(out_dir):
-            if f.startswith(".part-") and f.endswith(".tmp"):
-                os.remove(os.path.join(out_dir, f))
-                n += 1
-    return n
-
-
-def _write_atomic(table: pa.Table, path: str) -> None:
-    d, name = os.path.split(path)
-    tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    return storage.remove_temp_files(out_dir)
 
 
 def write_part(table: pa.Table, out_dir: str) -> str:
-    """Write one batch of finished rows as a part (name derived from its keys). Returns the path."""
+    """Write finished rows as one part (name derived from its keys). Returns its URI."""
     table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     h = hashlib.sha256()
     for u, k in zip(table["user_id"].to_pylist(), table["rationale_key"].to_pylist()):
         h.update(f"{u}:{k};".encode())
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"part-{h.hexdigest()[:20]}.parquet")
-    _write_atomic(table, path)
-    return path
+    uri = storage.join(out_dir, f"part-{h.hexdigest()[:20]}.parquet")
+    storage.write_table(table, uri)
+    return uri
+
+
+def _hashes(t: pa.Table) -> np.ndarray:
+    return pair_hash(t["user_id"].to_pylist(), t["rationale_key"].to_pylist())
+
+
+def _is_error(t: pa.Table) -> np.ndarray:
+    return np.asarray(pc.is_valid(t["error"]).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def done_pairs(out_dir: str) -> np.ndarray:
     """Sorted int64 hashes of the pairs that already have a successful row (error is null)."""
     chunks = []
     for f in part_files(out_dir):
-        t = pq.read_table(f, columns=["user_id", "rationale_key", "error"])
+        t = storage.read_parquet_file(f, columns=["user_id", "rationale_key", "error"])
         ok = t.filter(pc.is_null(t["error"]))
         if ok.num_rows:
-            chunks.append(pair_hash(ok["user_id"].to_pylist(), ok["rationale_key"].to_pylist()))
+            chunks.append(_hashes(ok))
     return np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, dtype=np.int64)
 
 
+def _isin(hashes: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
+    """Vectorised membership of ``hashes`` in a sorted unique array."""
+    if len(sorted_arr) == 0:
+        return np.zeros(len(hashes), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_arr, hashes), len(sorted_arr) - 1)
+    return sorted_arr[i] == hashes
+
+
+class _KeptSet:
+    """The pairs already kept by compaction: a bit per wanted pair, or (when the wanted set is
+    unknown) a sorted array grown part by part. Never a Python object per row."""
+
+    def __init__(self, wanted_sorted: Optional[np.ndarray]):
+        self.wanted = wanted_sorted
+        self.bits = None if wanted_sorted is None else np.zeros(len(wanted_sorted), dtype=bool)
+        self.seen = np.zeros(0, dtype=np.int64)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        if self.bits is not None:
+            return self.bits[np.searchsorted(self.wanted, h)]
+        return _isin(h, self.seen)
+
+    def add(self, h: np.ndarray) -> None:
+        if self.bits is not None:
+            self.bits[np.searchsorted(self.wanted, h)] = True
+        else:
+            self.seen = np.union1d(self.seen, h)
+
+
+def _first_occurrence(h: np.ndarray) -> np.ndarray:
+    """True at the first occurrence of each value (order of the array)."""
+    first = np.zeros(len(h), dtype=bool)
+    first[np.unique(h, return_index=True)[1]] = True
+    return first
+
+
 def compact(out_dir: str, wanted: Optional[np.ndarray]) -> dict[str, int]:
-    """Keep one row per wanted pair (success over failure, first over later). Returns counts."""
-    files = part_files(out_dir)
+    """Keep one row per wanted pair (success over failure, first over later). Returns counts.
+
+    Part by part: the driver holds one part and the int64 pair sets, never all rows."""
     wanted_sorted = None if wanted is None else np.unique(wanted)
     succeeded = done_pairs(out_dir)
-    kept_pairs: set[int] = set()
+    kept = _KeptSet(wanted_sorted)
     stats = {"rows": 0, "dropped_stale": 0, "dropped_duplicate": 0, "dropped_superseded_error": 0, "errors": 0}
-    for f in files:
-        t = pq.read_table(f)
-        hashes = pair_hash(t["user_id"].to_pylist(), t["rationale_key"].to_pylist())
-        is_err = np.asarray(pc.is_valid(t["error"]).to_numpy(zero_copy_only=False), dtype=bool)
-        keep = np.ones(t.num_rows, dtype=bool)
-        for i, h in enumerate(hashes):
-            h = int(h)
-            if wanted_sorted is not None and not _isin(h, wanted_sorted):
-                keep[i] = False
-                stats["dropped_stale"] += 1
-            elif is_err[i] and _isin(h, succeeded):
-                keep[i] = False
-                stats["dropped_superseded_error"] += 1
-            elif h in kept_pairs:
-                keep[i] = False
-                stats["dropped_duplicate"] += 1
-            else:
-                kept_pairs.add(h)
-                stats["errors"] += int(is_err[i])
+    for f in part_files(out_dir):
+        t = storage.read_parquet_file(f)
+        h = _hashes(t)
+        is_err = _is_error(t)
+        stale = np.zeros(len(h), dtype=bool) if wanted_sorted is None else ~_isin(h, wanted_sorted)
+        superseded = ~stale & is_err & _isin(h, succeeded)
+        candidate = ~stale & ~superseded
+        # a candidate row is a duplicate when its pair was kept from an earlier part, or when it
+        # is not the first candidate of its pair inside this part
+        dup = np.zeros(len(h), dtype=bool)
+        idx = np.flatnonzero(candidate)
+        if len(idx):
+            dup[idx] = kept.contains(h[idx]) | ~_first_occurrence(h[idx])
+        keep = candidate & ~dup
+        kept.add(h[keep])
+        stats["dropped_stale"] += int(stale.sum())
+        stats["dropped_superseded_error"] += int(superseded.sum())
+        stats["dropped_duplicate"] += int(dup.sum())
+        stats["errors"] += int((keep & is_err).sum())
         stats["rows"] += int(keep.sum())
         if keep.all():
             continue
         if not keep.any():
-            os.remove(f)
+            storage.delete_file(f)
         else:
-            _write_atomic(t.filter(pa.array(keep)), f)
+            storage.write_table(t.filter(pa.array(keep)), f)
     return stats
 
 
-def _isin(h: int, sorted_arr: np.ndarray) -> bool:
-    i = np.searchsorted(sorted_arr, h)
-    return bool(i < len(sorted_arr) and sorted_arr[i] == h)
+def folder_totals(out_dir: str, wanted: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Counts and token sums of the folder (after ``compact``: one row per pair), part by part.
+
+    ``done_rows``: pairs with a successful row; ``failed_rows``: pairs whose only row has an error;
+    ``missing_rows``: wanted pairs with no row at all (0 after a run that finished). Tokens are
+    summed over the successful rows only, so a row retried after a failure counts once."""
+    cols = ["user_id", "rationale_key", "error", "steps_found", "seen_items", "n_prompt_tokens", "n_output_tokens"]
+    tot = {"rows": 0, "done_rows": 0, "failed_rows": 0, "prompt_tokens": 0, "output_tokens": 0,
+           "all_three_steps": 0, "seen": 0}
+    done_hashes = []
+    for f in part_files(out_dir):
+        t = storage.read_parquet_file(f, columns=cols)
+        is_err = _is_error(t)
+        ok = t.filter(pa.array(~is_err))
+        tot["rows"] += t.num_rows
+        tot["done_rows"] += ok.num_rows
+        tot["failed_rows"] += int(is_err.sum())
+        tot["prompt_tokens"] += int(pc.sum(ok["n_prompt_tokens"]).as_py() or 0)
+        tot["output_tokens"] += int(pc.sum(ok["n_output_tokens"]).as_py() or 0)
+        tot["all_three_steps"] += int(pc.sum(pc.equal(ok["steps_found"], 3)).as_py() or 0)
+        tot["seen"] += int(pc.sum(pc.greater(pc.list_value_length(ok["seen_items"]), 0)).as_py() or 0)
+        if wanted is not None:
+            done_hashes.append(_hashes(t))
+    if wanted is not None:
+        have = np.unique(np.concatenate(done_hashes)) if done_hashes else np.zeros(0, dtype=np.int64)
+        tot["missing_rows"] = int((~_isin(np.unique(wanted), have)).sum())
+    return tot

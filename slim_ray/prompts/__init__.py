@@ -17,7 +17,8 @@ Public API (what distillation and serving reuse, so training and inference see t
     text = build_student_prompt(history_items, item_noun="movies", category_label="genres")
 
     # From the contracts (items table + one user's full item_ids; the builder cuts the
-    # training prefix item_ids[:-2] itself -- the leakage guard):
+    # training prefix item_ids[:-2] itself -- the leakage guard -- and, with
+    # cut="consistent", keeps only its first cut_length(...) items):
     pb = PromptBuilder(items_table, role="student", item_noun="movies", category_label="genres",
                        max_items=50, token_budget=512, count_tokens=None)
     built = pb.build(item_ids)   # .messages, .prompt, .prefix_len, .n_shown, .history_titles
@@ -32,12 +33,14 @@ role, items, tokenizer)`` builds the exact PromptBuilder of a stage from a pipel
 """
 
 from slim_ray.prompts.builder import (
+    CUTS,
     BuiltPrompt,
     PromptBuilder,
     approx_count_tokens,
     build_messages,
     build_student_prompt,
     build_teacher_prompt,
+    cut_length,
     format_messages,
     nouns_for,
     parse_messages,
@@ -52,7 +55,7 @@ from slim_ray.prompts.parser import ParsedAnswer, normalize_title, parse_answer,
 from slim_ray.prompts.templates import DEFAULT_TEMPLATE, Template, load_template, parse_template
 
 __all__ = [
-    "BuiltPrompt", "PromptBuilder", "approx_count_tokens", "build_messages", "build_student_prompt",
+    "CUTS", "cut_length", "BuiltPrompt", "PromptBuilder", "approx_count_tokens", "build_messages", "build_student_prompt",
     "build_teacher_prompt", "format_messages", "nouns_for", "parse_messages", "rationale_key",
     "render_item", "select_history", "student_messages", "teacher_messages", "training_prefix",
     "ParsedAnswer", "normalize_title", "parse_answer", "seen_titles", "split_steps",

@@ -4,6 +4,11 @@ Leakage guard: a prompt only ever sees ``item_ids[:-2]`` (the last two items are
 and test targets); ``training_prefix`` is the only way the pipeline cuts a sequence, and
 ``PromptBuilder.build`` asserts the prefix length it reports.
 
+Rationale cut: a rationale is fused into the recommender at training positions too, so by default
+(``cut="consistent"``) it is written from only the first ``c`` items of the training prefix (see
+``cut_length``): the training targets after ``c`` were never read by it, as the test target never
+is. ``cut="full_prefix"`` writes it from the whole training prefix (the earlier behaviour).
+
 History rendering: one line per item (title, year, categories, brand -- missing parts left out),
 **most recent first**, as many items as fit in ``max_items`` and ``token_budget`` (tokens counted
 with the model's tokenizer when given, else ~4 characters per token). At least one item is shown.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -32,10 +38,34 @@ def nouns_for(source: Optional[str]) -> tuple[str, str]:
     return NOUNS.get(source or "", ("items", "categories"))
 
 
-def training_prefix(item_ids: Sequence[int]) -> list[int]:
-    """The part of a time-ordered sequence a rationale may see: all but the last two items."""
+#: The rationale cuts (GenerateConfig.rationale_cut).
+CUTS = ("consistent", "full_prefix")
+
+
+def cut_length(n_train: int, cut: str = "full_prefix", tail_fraction: float = 0.2, min_tail: int = 3) -> int:
+    """Items of a training prefix of ``n_train`` items that a rationale is written from.
+
+    full_prefix: all of them. consistent: ``max(1, min(n_train - min_tail, floor(n_train * (1 -
+    tail_fraction))))``, leaving at least ``min_tail`` (and about ``tail_fraction``) of the training
+    targets unseen. A very short user (``n_train <= min_tail + 1``) keeps 1 item, so fewer than
+    ``min_tail`` targets remain after the cut; an empty prefix stays empty."""
+    if cut not in CUTS:
+        raise ValueError(f"unknown rationale cut {cut!r} (expected one of {', '.join(CUTS)})")
+    if n_train <= 0:
+        return 0
+    if cut == "full_prefix":
+        return n_train
+    keep = math.floor(n_train * (1.0 - tail_fraction) + 1e-9)
+    return max(1, min(n_train - min_tail, keep))
+
+
+def training_prefix(item_ids: Sequence[int], cut: str = "full_prefix", tail_fraction: float = 0.2,
+                    min_tail: int = 3) -> list[int]:
+    """The part of a time-ordered sequence a rationale may see: all but the last two items (the
+    training prefix), cut to its first ``cut_length`` items for ``cut="consistent"``."""
     ids = list(item_ids)
-    return ids[:-2] if len(ids) > 2 else []
+    prefix = ids[:-2] if len(ids) > 2 else []
+    return prefix[:cut_length(len(prefix), cut, tail_fraction, min_tail)]
 
 
 def render_item(item: Mapping[str, Any], category_label: str = "categories") -> str:
@@ -157,7 +187,7 @@ def rationale_key(model_id: str, prompt_version: str, sampling: Mapping[str, Any
 class BuiltPrompt:
     messages: list[dict[str, str]]
     prompt: str  # format_messages(messages)
-    prefix_len: int  # items in the training prefix (all of them may be used by the parser)
+    prefix_len: int  # items the rationale is written from: the cut c (<= len(item_ids) - 2)
     n_shown: int  # items rendered in the prompt (most recent first)
     history_titles: list[str]  # titles of the whole training prefix (for the "already seen" flag)
 
@@ -168,6 +198,9 @@ class PromptBuilder:
     >>> pb = PromptBuilder(items_table, role="student", item_noun="movies", category_label="genres")
     >>> built = pb.build(item_ids)          # full time-ordered sequence; only item_ids[:-2] is used
     >>> built.messages, built.prompt, built.prefix_len
+
+    ``cut``/``tail_fraction``/``min_tail``: the rationale cut (``cut_length``); ``build`` renders
+    only ``item_ids[:prefix_len]``.
     """
 
     def __init__(
@@ -182,8 +215,13 @@ class PromptBuilder:
         token_budget: Optional[int] = 512,
         count_tokens: Optional[CountTokens] = None,
         n_recs: int = 5,
+        cut: str = "full_prefix",
+        tail_fraction: float = 0.2,
+        min_tail: int = 3,
     ):
         self.template = load_template(template or DEFAULT_TEMPLATE[role])
+        cut_length(1, cut)  # an unknown cut fails here, not per user
+        self.cut = dict(cut=cut, tail_fraction=tail_fraction, min_tail=min_tail)
         cols = ["item_id", "title", "categories", "brand", "year"]
         data = items.select([c for c in cols if c in items.column_names]).to_pylist() if hasattr(items, "select") else list(items)
         self.items = {int(r["item_id"]): r for r in data}
@@ -204,8 +242,8 @@ class PromptBuilder:
         return out
 
     def build(self, item_ids: Sequence[int]) -> BuiltPrompt:
-        """Prompt from a user's full sequence; only the training prefix is rendered."""
-        prefix = training_prefix(item_ids)
+        """Prompt from a user's full sequence; only the cut training prefix is rendered."""
+        prefix = training_prefix(item_ids, **self.cut)
         assert len(prefix) <= max(0, len(item_ids) - 2), "leakage guard: prefix must exclude valid/test"
         hist = self.history(prefix)
         msgs, n_shown = build_messages(self.template, hist, **self.kw)

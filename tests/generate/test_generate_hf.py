@@ -16,6 +16,7 @@ from slim_ray.data.schemas import RATIONALES_SCHEMA, check_columns
 from slim_ray.generate.engines import EngineError
 from slim_ray.generate.stage import GenerationError, run_reason, run_teach, select_users
 from slim_ray.generate.store import part_files
+from slim_ray.prompts import cut_length
 
 MODEL = "smollm2-135m-instruct"
 
@@ -45,7 +46,9 @@ def test_teach_hf_contract_resume_and_retry(ray_session, tmp_path):
     assert len(_calls(calls)) == 7
     seqs = {r["user_id"]: r["item_ids"] for r in sequences_table(8, (3,)).to_pylist()}
     for r in t.to_pylist():
-        assert r["prefix_len"] == len(seqs[r["user_id"]]) - 2  # leakage guard
+        n_train = len(seqs[r["user_id"]]) - 2
+        # the consistent cut (default): the first c items of the training prefix, c <= n_train
+        assert r["prefix_len"] == cut_length(n_train, "consistent", 0.2, 3) <= n_train  # leakage guard
         assert r["role"] == "teacher" and r["prompt_version"] == "teacher-cot-v1"
         assert r["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert r["error"] is None and r["text"]
@@ -55,6 +58,10 @@ def test_teach_hf_contract_resume_and_retry(ray_session, tmp_path):
     tokens_in, tokens_out = sum(t["n_prompt_tokens"].to_pylist()), sum(t["n_output_tokens"].to_pylist())
     assert s["prompt_tokens"] == tokens_in and s["output_tokens"] == tokens_out
     assert s["estimated_cost_usd"] == pytest.approx(tokens_in / 1000 * 0.0015 + tokens_out / 1000 * 0.002, abs=1e-6)
+    assert (s["done_rows"], s["failed_rows"], s["missing_rows"]) == (7, 0, 0)
+    assert (s["prompt_tokens_total"], s["output_tokens_total"]) == (tokens_in, tokens_out)
+    assert len(part_files(out)) == 1  # parts are large: a 7-row run is one part
+    assert len(s["node_ids"]) == 1 and len(s["node_ids"][0]) == 56  # the one local node
     assert s["output"]["rows"] == 7 and 0 <= s["output"]["share_all_three_steps"] <= 1
 
     # A row that failed (error set) is retried by the next run; the others are not generated again.
@@ -71,6 +78,9 @@ def test_teach_hf_contract_resume_and_retry(ray_session, tmp_path):
     assert sorted(t2["user_id"].to_pylist()) == [1, 2, 4, 5, 6, 7, 8]  # one row per user
     assert t2.filter(pc.is_valid(t2["error"])).num_rows == 0
     assert s2["compaction"]["dropped_superseded_error"] == 1
+    # running totals: the retried row once, not once per attempt
+    assert s2["done_rows"] == 7 and s2["failed_rows"] == 0
+    assert s2["output_tokens_total"] == sum(t2["n_output_tokens"].to_pylist())
 
 
 def test_seeded_sample_is_stable_and_nested(tmp_path):

@@ -25,7 +25,7 @@ def _cmd(run: str, calls: str) -> list[str]:
     return [
         sys.executable, "-m", "slim_ray", "teach", "--set", f"run_dir={run}",
         "teacher.model=smollm2-135m-instruct", "teacher.num_users=null", "teacher.max_new_tokens=24",
-        "teacher.min_new_tokens=24", "teacher.batch_size=2", f"teacher.call_log={calls}", "ray.num_cpus=2",
+        "teacher.min_new_tokens=24", "teacher.batch_size=2", "teacher.rows_per_file=2", f"teacher.call_log={calls}", "ray.num_cpus=2",
         "ray.include_dashboard=false",
     ]
 
