@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 #: URI schemes pyarrow opens itself; anything else goes through fsspec.
 _ARROW_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
-_FS_CACHE: dict[tuple[str, str], pafs.FileSystem] = {}
+_FS_CACHE: dict[tuple[str, str, str], pafs.FileSystem] = {}
 _FS_LOCK = threading.Lock()
 
 
@@ -89,13 +89,26 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         return _cached_fs("", "", pafs.LocalFileSystem), uri
     parsed = urlparse(uri)
     path = (parsed.netloc + parsed.path).rstrip("/")
+    if s == "s3":
+        return _cached_fs(s, parsed.netloc, lambda: _s3_fs(uri)), path
     if s in _ARROW_SCHEMES:
         return _cached_fs(s, parsed.netloc, lambda: pafs.FileSystem.from_uri(uri)[0]), path
     return _cached_fs(s, parsed.netloc, lambda: _fsspec_fs(s)), path
 
 
+def _s3_fs(uri: str) -> pafs.FileSystem:
+    """S3 from the standard environment. With a region given, no call to AWS is made to look the
+    bucket's region up (an S3-compatible endpoint such as MinIO or moto has none to give)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region is None and not os.environ.get("AWS_ENDPOINT_URL"):
+        return pafs.FileSystem.from_uri(uri)[0]
+    return pafs.S3FileSystem(region=region or "us-east-1",
+                             endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
 def _cached_fs(s: str, netloc: str, make) -> pafs.FileSystem:
-    key = (s, netloc)
+    # The endpoint is part of the key: a process may point AWS_ENDPOINT_URL elsewhere later.
+    key = (s, netloc, os.environ.get("AWS_ENDPOINT_URL", ""))
     with _FS_LOCK:
         if key not in _FS_CACHE:
             _FS_CACHE[key] = make()
@@ -316,21 +329,37 @@ def ray_write_parquet(ds, uri: str, **kwargs: Any) -> None:
 # ----------------------------------------------------------------------------- model folders
 
 
+CONTENT_INDEX = "_content.json"
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def upload_dir(local_dir: str, uri: str) -> int:
-    """Copy a local folder (a model export, a checkpoint) to ``uri``. Returns the files copied."""
-    if is_local(uri) and os.path.abspath(local_dir) == normalize(uri):
-        return 0
-    n = 0
+    """Copy a local folder (a model export, a checkpoint) to ``uri``, then write its content index
+    (``_content.json``: sha256 of every file) last. Returns the files copied."""
+    index = {}
+    same_place = is_local(uri) and os.path.abspath(local_dir) == normalize(uri)
     for root, _, files in os.walk(local_dir):
-        for name in files:
+        for name in sorted(files):
             src = os.path.join(root, name)
             rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            if rel == CONTENT_INDEX:
+                continue
+            index[rel] = _sha256_file(src)
+            if same_place:
+                continue
             fs, path = resolve(join(uri, rel))
             if is_local(uri):
                 fs.create_dir(os.path.dirname(path), recursive=True)
             pafs.copy_files(src, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-            n += 1
-    return n
+    write_json(join(uri, CONTENT_INDEX), index)
+    return 0 if same_place else len(index)
 
 
 def download_dir(uri: str, local_dir: str) -> int:
@@ -347,9 +376,11 @@ def download_dir(uri: str, local_dir: str) -> int:
 
 
 def content_key(uri: str) -> str:
-    """A short identity of a folder's content (names, sizes and mtimes of its files)."""
-    listing = tree_listing(uri)
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    """A short identity of a folder's content: the hash of its content index when ``upload_dir``
+    wrote one, else of its listing (names, sizes, mtimes)."""
+    index = read_json(join(uri, CONTENT_INDEX))
+    basis = index if isinstance(index, dict) else tree_listing(uri, skip=(CONTENT_INDEX,))
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def default_cache_dir() -> str:
