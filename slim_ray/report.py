@@ -1,7 +1,8 @@
 """``slim-ray report``: the run's results as a researcher would publish them.
 
 Reads only stage outputs (eval/metrics.json and the manifests of the generation, distillation and
-training stages) and writes ``report/report.md`` plus PNG plots:
+training stages) and writes ``report/report.md`` plus PNG plots, all through ``slim_ray.storage``
+(the run folder may be a path or a URI such as ``s3://bucket/prefix``):
 
 - the results table in the paper's layout (NDCG@10, HR@10, HR@20 on sampled-100) and the same for
   full ranking, mean +- std over seeds, SLIM's relative gain over the better of backbone /
@@ -12,10 +13,11 @@ training stages) and writes ``report/report.md`` plus PNG plots:
 
 from __future__ import annotations
 
-import json
-import os
+import io
 import re
 from typing import Any, Optional
+
+from slim_ray import storage
 
 # Paper (WWW 2024), Amazon Games, SASRec backbone, sampled-100, in %.
 PAPER_GAMES_SASREC = {
@@ -40,15 +42,11 @@ COLS = ("ndcg@10", "hr@10", "hr@20")
 
 
 def _read_json(path: str) -> Optional[dict[str, Any]]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+    return storage.read_json(path)
 
 
 def _summary(stage_dir: str) -> dict[str, Any]:
-    m = _read_json(os.path.join(stage_dir, "manifest.json")) or {}
+    m = _read_json(storage.join(stage_dir, "manifest.json")) or {}
     return m.get("summary", {})
 
 
@@ -166,15 +164,19 @@ def honest_paragraph(metrics: dict[str, Any], teacher: dict[str, Any], student: 
     if distill.get("eval_loss_before") is not None and distill.get("eval_loss_after") is not None:
         quality.append(f"distillation moved the student's held-out rationale loss from "
                        f"{distill['eval_loss_before']:.3f} to {distill['eval_loss_after']:.3f}")
+    teacher_model = _short_model(teacher.get("model_id") or teacher.get("model")) or "an unnamed teacher"
+    student_model = _short_model((distill.get("manifest") or {}).get("base_model")
+                                 or student.get("model_id") or student.get("model")) or "an unnamed student"
+    n_teacher = teacher.get("generated_rows")
     text = " ".join(out)
     text += (
-        "\n\nThe embedded default proves the machinery on real data, not the paper's effect size. "
-        "The teacher here is a 0.5B coder model and the student a 135M model: they reason weakly, "
-        "repeat themselves and recommend already-seen movies"
+        "\n\nRead these figures for what this run is, not as the paper's effect size. "
+        f"The teacher here is `{teacher_model}` and the student `{student_model}`"
         + (" (" + "; ".join(quality) + ")" if quality else "")
-        + ". Only a few hundred users get teacher rationales (the paper: 1,000–2,000 from ChatGPT), "
-        "MovieLens-100K is small, and rationale vectors from a 384-d MiniLM encoder carry little beyond "
-        "the genres already in the item text. Differences smaller than the standard deviations above "
+        + (f". {n_teacher} users got teacher rationales (the paper: 1,000–2,000 from ChatGPT)" if n_teacher else "")
+        + f", and the data has {metrics.get('num_users')} users. Small teachers and students reason weakly "
+        "and repeat themselves, and rationale vectors from a small sentence encoder carry little beyond "
+        "the categories already in the item text. Differences smaller than the standard deviations above "
         "should be read as ties. For the paper's setting, point the teacher at a strong model through "
         "the `openai` engine and use a 7B student with vLLM on GPUs (configs/paper.yaml)."
     )
@@ -213,10 +215,7 @@ def _plots(metrics: dict[str, Any], teacher, student, distill, rec_summary, out_
             ax.set_xticks(x, labels, rotation=70, fontsize=7)
             ax.set_title(f"{col.upper()} ({prot}), mean ± std over seeds, %")
         fig.tight_layout()
-        path = os.path.join(out_dir, f"metrics_{prot}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save_png(fig, storage.join(out_dir, f"metrics_{prot}.png")))
 
     # Throughput: generation (output tokens/s), distillation (tokens/s), recommender epochs.
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -239,45 +238,80 @@ def _plots(metrics: dict[str, Any], teacher, student, distill, rec_summary, out_
         axes[1].tick_params(axis="x", rotation=70, labelsize=7)
     axes[1].set_title("recommender seconds / epoch")
     fig.tight_layout()
-    path = os.path.join(out_dir, "throughput.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
+    files.append(_save_png(fig, storage.join(out_dir, "throughput.png")))
     return files
 
 
-def stage_times(run_dir: str) -> str:
-    from slim_ray.stages import PIPELINE_ORDER, STAGES
-    from slim_ray.config import PipelineConfig
+def _save_png(fig, uri: str) -> str:
+    """Render a figure to PNG bytes and write them as one object (local path or URI)."""
+    import matplotlib.pyplot as plt
 
-    cfg = PipelineConfig(run_dir=run_dir)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def stage_outputs(lay) -> list[tuple[str, str]]:
+    """(stage, output folder) in pipeline order, from the run layout alone (the report is a stage:
+    it reads the other stages' outputs, never the stage table)."""
+    return [("prepare", lay.prepared), ("teach", lay.rationales("teacher")), ("distill", lay.distill),
+            ("reason", lay.rationales("student")), ("encode", lay.embeddings), ("train", lay.rec),
+            ("evaluate", lay.eval), ("report", lay.report)]
+
+
+def stage_times(lay) -> str:
     lines = ["| stage | seconds | output |", "|---|---|---|"]
     total = 0.0
-    for name in PIPELINE_ORDER:
-        out = STAGES[name].output(cfg)
+    for name, out in stage_outputs(lay):
         s = _summary(out)
         if "seconds" in s:
             total += s["seconds"]
-            lines.append(f"| {name} | {s['seconds']:.0f} | `{os.path.relpath(out, run_dir)}` |")
+            lines.append(f"| {name} | {s['seconds']:.0f} | `{out[len(lay.root):].strip('/')}` |")
     lines.append(f"| **total** | **{total:.0f}** | |")
     return "\n".join(lines)
+
+
+def distill_lines(distill: dict[str, Any], student: dict[str, Any]) -> list[str]:
+    """The distillation paragraph, naming what this run used (from the manifests): the student's
+    base model, LoRA or full fine-tune, the strategy (DeepSpeed ZeRO stage or DDP) and the engine
+    the distilled student generated with."""
+    base = (distill.get("manifest") or {}).get("base_model") or distill.get("base_model") or "an unnamed base model"
+    method = distill.get("method")
+    how = {"lora": "LoRA on", "full": "full fine-tune of"}.get(method, f"{method} on" if method else "fine-tune of")
+    strategy = distill.get("strategy")
+    if strategy == "deepspeed":
+        zero = distill.get("zero_stage")
+        strat = f"DeepSpeed ZeRO-{zero}" if zero is not None else "DeepSpeed"
+    else:
+        strat = {"ddp": "torch DDP"}.get(strategy, strategy or "an unnamed strategy")
+    lines = [f"- student: {how} `{_short_model(base)}`, {strat} on {distill.get('num_workers')} workers, "
+             f"{distill.get('steps')} steps"]
+    if student.get("engine"):
+        lines.append(f"- the distilled student wrote its rationales with the `{student['engine']}` engine "
+                     f"(`{_short_model(student.get('model_id') or student.get('model'))}`)")
+    lines += [f"- held-out rationale loss {_f(distill.get('eval_loss_before'))} → {_f(distill.get('eval_loss_after'))} "
+              f"(perplexity {_f(distill.get('eval_ppl_before'))} → {_f(distill.get('eval_ppl_after'))})",
+              f"- training throughput {_f(distill.get('tokens_per_s'))} tokens/s", ""]
+    return lines
 
 
 def build_report(run_dir: str, paper_reference: bool = True) -> dict[str, Any]:
     from slim_ray.layout import RunLayout
 
     lay = RunLayout(run_dir)
-    metrics = _read_json(os.path.join(lay.eval, "metrics.json"))
+    metrics = _read_json(storage.join(lay.eval, "metrics.json"))
     if metrics is None:
         raise FileNotFoundError(f"{lay.eval}/metrics.json missing: run `slim-ray evaluate` first")
     teacher = _summary(lay.rationales("teacher"))
     student = _summary(lay.rationales("student"))
     distill = _summary(lay.distill)
     rec_summary = _summary(lay.rec)
-    os.makedirs(lay.report, exist_ok=True)
+    storage.makedirs(lay.report)
     plots = _plots(metrics, teacher, student, distill, rec_summary, lay.report)
 
-    md = [f"# SLIM run report — `{os.path.abspath(run_dir)}`", ""]
+    md = [f"# SLIM run report — `{lay.root}`", ""]
     md += [f"Data: {metrics.get('num_users')} users, {metrics.get('num_items')} items; leave-one-out test "
            f"target. Sampled protocol: the true item against {((metrics.get('sampled') or {}).get('num_negatives'))} "
            "negatives drawn once per user with a fixed seed (stored, identical for every model). Full "
@@ -291,17 +325,11 @@ def build_report(run_dir: str, paper_reference: bool = True) -> dict[str, Any]:
                paper_table(metrics), ""]
     md += ["## Cost of rationales", "", cost_table(teacher, student), ""]
     if distill:
-        md += ["## Distillation", "",
-               f"- student: LoRA on the packaged SmolLM2-135M-Instruct, {distill.get('strategy')} "
-               f"(ZeRO-{distill.get('zero_stage')}) on {distill.get('num_workers')} workers, {distill.get('steps')} steps",
-               f"- held-out rationale loss {_f(distill.get('eval_loss_before'))} → {_f(distill.get('eval_loss_after'))} "
-               f"(perplexity {_f(distill.get('eval_ppl_before'))} → {_f(distill.get('eval_ppl_after'))})",
-               f"- training throughput {_f(distill.get('tokens_per_s'))} tokens/s", ""]
-    md += ["## Stage wall times", "", stage_times(run_dir), "", "![throughput](throughput.png)", ""]
+        md += ["## Distillation", ""] + distill_lines(distill, student)
+    md += ["## Stage wall times", "", stage_times(lay), "", "![throughput](throughput.png)", ""]
     md += ["## What these numbers can and cannot show", "", honest_paragraph(metrics, teacher, student, distill), ""]
-    path = os.path.join(lay.report, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md))
+    path = storage.join(lay.report, "report.md")
+    storage.write_text(path, "\n".join(md))
     return {"report": path, "plots": plots}
 
 

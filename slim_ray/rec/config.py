@@ -97,6 +97,14 @@ class RecConfig(StageConfig):
         "first ids), learned (one trained 'no rationale' vector), zeros (a zero text vector). "
         "Fallback users are counted in the run's meta.json and in metrics.json.",
     )
+    rationale_protocol: Literal["consistent", "leaky"] = Field(
+        "consistent",
+        description="slim/text modes: which training positions fuse a user's rationale. consistent: only "
+        "targets at positions >= the rationale's cut c (its prefix_len, read from rationales/<role>/), "
+        "earlier positions fuse a learned 'no rationale' vector, so the rationale never informs a target "
+        "it has read (as at test time). leaky: every position fuses it, including targets the rationale "
+        "was written from (the first implementation; kept for comparison). See docs/rec.md.",
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP; gloo on CPU, nccl on GPU).")
     use_gpu: Optional[bool] = Field(None, description="None: use a GPU per worker when the cluster has GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")

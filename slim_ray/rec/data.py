@@ -4,19 +4,36 @@ Leave-one-out on the ``sequences`` contract: for a user's item_ids ``s``,
 training prefix = ``s[:-2]``, validation: ``s[:-2]`` -> ``s[-2]``, test: ``s[:-1]`` -> ``s[-1]``.
 Users with fewer than 3 items are skipped (no training item). The backbone reads the most recent
 ``max_len`` items, right-padded with 0.
+
+Positions: the target at index ``t`` of ``s`` is predicted from ``s[:t]``. Training examples record
+that index (``target_pos``) so the rationale protocol can tell which targets a rationale written
+from ``s[:c]`` may inform (``t >= c``; docs/rec.md, "Rationale protocol").
+
+Every read goes through ``slim_ray.storage``: the run folder may be a path or a URI.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from slim_ray.data.io import read_sequences
+from slim_ray import storage
+from slim_ray.data.schemas import ITEMS_SCHEMA, RATIONALES_SCHEMA, SEQUENCES_SCHEMA, check_columns
+
+PROTOCOLS = ("consistent", "leaky")
+
+
+def _read_contract(path: str, schema: pa.Schema, columns: list[str]) -> pa.Table:
+    """Columns of a contract (file or folder of parts), checked against its schema, naming the path."""
+    t = storage.read_table(path, columns=columns)
+    if t is None:
+        raise FileNotFoundError(f"{path}: no Parquet files")
+    check_columns(t, pa.schema([schema.field(c) for c in columns]), path)
+    return t
 
 
 @dataclass
@@ -32,7 +49,7 @@ class RecData:
 
 def load_sequences(path: str, max_users: Optional[int] = None, n_items: Optional[int] = None) -> RecData:
     """Read the ``sequences`` contract (users with >= 3 items). ``n_items`` defaults to the largest id seen."""
-    t = read_sequences(path, columns=["user_id", "item_ids"]).sort_by("user_id")
+    t = _read_contract(path, SEQUENCES_SCHEMA, ["user_id", "item_ids"]).sort_by("user_id")
     users = t.column("user_id").to_numpy()
     lists = t.column("item_ids").combine_chunks()
     offsets = lists.offsets.to_numpy()
@@ -58,11 +75,9 @@ def load_sequences(path: str, max_users: Optional[int] = None, n_items: Optional
 
 def count_items(items_path: str) -> Optional[int]:
     """Largest item_id in the ``items`` contract (None when the folder is absent)."""
-    if not os.path.exists(items_path):
+    if not storage.exists(items_path):
         return None
-    from slim_ray.data.io import read_items
-
-    ids = read_items(items_path, columns=["item_id"]).column("item_id").to_numpy()
+    ids = _read_contract(items_path, ITEMS_SCHEMA, ["item_id"]).column("item_id").to_numpy()
     return int(ids.max()) if len(ids) else None
 
 
@@ -86,15 +101,43 @@ class Examples:
     lens: np.ndarray  # [M]
     users: np.ndarray  # [M]
     targets: np.ndarray  # [M, L]: item to predict after each position, 0 = none
+    target_pos: np.ndarray  # [M, L]: index t in the user's item_ids of that target (-1 = none)
+    # [M, L] bool: may this position's user vector fuse the user's rationale? None: no rationales.
+    rationale_mask: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.lens)
 
 
-def window_examples(data: RecData, max_len: int) -> Examples:
+def rationale_mask(target_pos: np.ndarray, users: np.ndarray, cuts: np.ndarray, protocol: str) -> np.ndarray:
+    """[M, L] bool. ``consistent``: a position may fuse its user's rationale only when the rationale
+    was written from a prefix no longer than the target's history (``cut <= t``). ``leaky``: every
+    position fuses it (the rationale may have read the target). ``cuts`` [n_users + 1]: the
+    ``prefix_len`` of each user's rationale (0 for users without one: they fuse their fallback)."""
+    if protocol == "leaky":
+        return np.ones(target_pos.shape, dtype=bool)
+    if protocol != "consistent":
+        raise ValueError(f"rationale protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    return target_pos >= cuts[users][:, None]
+
+
+def _examples(seqs, tgts, pos, users, max_len: int, cuts: Optional[np.ndarray], protocol: str) -> Examples:
+    seq, lens = pad_right(seqs, max_len)
+    tgt, _ = pad_right(tgts, max_len)
+    tpos, _ = pad_right([p + 1 for p in pos], max_len)  # shifted by one so padding reads -1 below
+    users = np.asarray(users, dtype=np.int64)
+    ex = Examples(seq, lens, users, tgt, tpos - 1)
+    if cuts is not None:
+        ex.rationale_mask = rationale_mask(ex.target_pos, users, cuts, protocol)
+    return ex
+
+
+def window_examples(data: RecData, max_len: int, cuts: Optional[np.ndarray] = None,
+                    protocol: str = "consistent") -> Examples:
     """All-position training: each training prefix is cut into windows of ``max_len`` (from the
-    end); every position predicts the next item. Fixed for the whole run."""
-    seqs, tgts, users = [], [], []
+    end); every position predicts the next item. Fixed for the whole run. With ``cuts`` (the
+    rationale prefix_len of each user id), ``rationale_mask`` follows ``protocol``."""
+    seqs, tgts, pos, users = [], [], [], []
     for u, s in zip(data.user_ids, data.seqs):
         train = s[:-2]
         x, y = train[:-1], train[1:]
@@ -102,29 +145,28 @@ def window_examples(data: RecData, max_len: int) -> Examples:
             start = max(0, end - max_len)
             seqs.append(x[start:end])
             tgts.append(y[start:end])
+            pos.append(np.arange(start + 1, end + 1, dtype=np.int64))  # y[i] is train[i + 1]
             users.append(u)
-    seq, lens = pad_right(seqs, max_len)
-    tgt, _ = pad_right(tgts, max_len)
-    return Examples(seq, lens, np.asarray(users, dtype=np.int64), tgt)
+    return _examples(seqs, tgts, pos, users, max_len, cuts, protocol)
 
 
-def prefix_examples(data: RecData, max_len: int, per_user: Optional[int], rng: np.random.Generator) -> Examples:
+def prefix_examples(data: RecData, max_len: int, per_user: Optional[int], rng: np.random.Generator,
+                    cuts: Optional[np.ndarray] = None, protocol: str = "consistent") -> Examples:
     """Last-position training (SR-GNN): prefixes ``train[:t] -> train[t]``; ``per_user`` random cut
     points per user (all when None). Drawn anew each epoch from ``rng``."""
-    seqs, tgts, users = [], [], []
+    seqs, tgts, pos, users = [], [], [], []
     for u, s in zip(data.user_ids, data.seqs):
         train = s[:-2]
-        cuts = np.arange(1, len(train))
-        if per_user is not None and len(cuts) > per_user:
-            cuts = np.sort(rng.choice(cuts, per_user, replace=False))
-        for t in cuts:
-            seqs.append(train[max(0, t - max_len):t])
-            tgts.append(train[t])
+        cut_points = np.arange(1, len(train))
+        if per_user is not None and len(cut_points) > per_user:
+            cut_points = np.sort(rng.choice(cut_points, per_user, replace=False))
+        for t in cut_points:
+            hist = train[max(0, t - max_len):t]
+            seqs.append(hist)
+            tgts.append(np.r_[np.zeros(len(hist) - 1, np.int64), train[t]])
+            pos.append(np.r_[np.full(len(hist) - 1, -1, np.int64), t])
             users.append(u)
-    seq, lens = pad_right(seqs, max_len)
-    tgt = np.zeros_like(seq)
-    tgt[np.arange(len(lens)), lens - 1] = np.asarray(tgts, dtype=np.int64)
-    return Examples(seq, lens, np.asarray(users, dtype=np.int64), tgt)
+    return _examples(seqs, tgts, pos, users, max_len, cuts, protocol)
 
 
 # --------------------------------------------------------------------------- evaluation inputs
@@ -167,17 +209,14 @@ def eval_split(data: RecData, split: str, max_len: int) -> EvalSplit:
 
 def read_vectors(folder: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids [n], vectors float32 [n, D]) of an ``embeddings`` folder (any Parquet parts in it)."""
-    if not os.path.isdir(folder) and not os.path.isfile(folder):
+    if not storage.exists(folder):
         raise FileNotFoundError(f"{folder}: no embeddings (run `slim-ray encode` first)")
-    files = [folder] if os.path.isfile(folder) else sorted(
-        os.path.join(folder, f) for f in os.listdir(folder)
-        if f.endswith(".parquet") and not f.startswith((".", "_"))
-    )
+    files = storage.parquet_files(folder)
     if not files:
         raise FileNotFoundError(f"{folder}: no embeddings parts (run `slim-ray encode` first)")
     tables = []
     for f in files:
-        t = pq.read_table(f)
+        t = storage.read_parquet_file(f)
         for col in ("id", "vector"):
             if col not in t.column_names:
                 raise ValueError(f"{f}: missing column '{col}' (embeddings contract: id, kind, encoder, vector)")
@@ -231,3 +270,37 @@ def user_text_table(folder: str, users: np.ndarray, n_users: int, policy: str) -
             f"{missing[:5]}; set rec.missing_rationale=learned (or zeros) to fall back for them"
         )
     return table, has, missing
+
+
+def rationale_cuts(rationales: str, data: RecData) -> np.ndarray:
+    """[n_users + 1] int64: the cut ``c`` (``prefix_len``) of the rationale each user's vector was
+    encoded from (0 for users without one).
+
+    The embeddings contract carries no prefix_len, so it is joined by user_id from the rationales
+    folder, choosing the row the encoder embeds: usable (no error, non-empty text), longest prefix,
+    then smallest rationale_key. A cut beyond the training prefix (``c > len(item_ids) - 2``) would
+    let the rationale read the validation or test target: an error naming the users."""
+    if not storage.exists(rationales):
+        raise FileNotFoundError(
+            f"{rationales}: no rationales, needed for their prefix_len under rec.rationale_protocol="
+            "consistent (run the generation stage, or set rec.rationale_protocol=leaky)")
+    t = _read_contract(rationales, RATIONALES_SCHEMA, ["user_id", "prefix_len", "rationale_key", "text", "error"])
+    ok = pc.and_(pc.is_null(t.column("error")), pc.invert(pc.is_null(t.column("text"))))
+    t = t.filter(ok)
+    t = t.filter(pc.not_equal(pc.utf8_trim_whitespace(t.column("text")), ""))
+    t = t.sort_by([("user_id", "ascending"), ("prefix_len", "descending"), ("rationale_key", "ascending")])
+    users = t.column("user_id").to_numpy()
+    plen = t.column("prefix_len").to_numpy()
+    first = np.ones(len(users), dtype=bool)
+    first[1:] = users[1:] != users[:-1]
+    users, plen = users[first], plen[first]
+    cuts = np.zeros(data.n_users + 1, dtype=np.int64)
+    ok = (users >= 1) & (users <= data.n_users)
+    cuts[users[ok]] = plen[ok]
+    train_len = np.zeros(data.n_users + 1, dtype=np.int64)
+    train_len[data.user_ids] = [len(s) - 2 for s in data.seqs]
+    bad = np.flatnonzero((cuts > train_len) & (train_len > 0))
+    if len(bad):
+        raise ValueError(f"{rationales}: {len(bad)} users have a rationale written past their training prefix "
+                         f"(prefix_len > len(item_ids) - 2), first user_ids {bad[:5].tolist()}")
+    return cuts

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from slim_ray import storage
 from slim_ray.rec import data as rd
+from slim_ray.rec.checkpoint import finished_runs, load_run, read_meta
 from slim_ray.rec.metrics import evaluate_vectors, mean_metrics, metric_names, paired_test, random_reference
 
 
@@ -59,8 +59,8 @@ def stored_candidates(path: str, data: rd.RecData, num_negatives: int, seed: int
     """Load ``path`` if it was drawn for the same sequences/negatives/seed; else draw and store.
     Returns (candidates, reused)."""
     key = {"sequences": _sequences_digest(data), "num_negatives": num_negatives, "seed": seed}
-    if os.path.exists(path):
-        t = pq.read_table(path)
+    if storage.is_file(path):
+        t = storage.read_parquet_file(path)
         meta = json.loads((t.schema.metadata or {}).get(b"slim_ray", b"{}"))
         if meta == key and t.num_rows == len(data):
             negs = np.asarray(t.column("negatives").to_pylist(), dtype=np.int64)
@@ -73,17 +73,13 @@ def stored_candidates(path: str, data: rd.RecData, num_negatives: int, seed: int
         "target": pa.array(cand[:, 0], pa.int64()),
         "negatives": pa.array(list(cand[:, 1:]), pa.list_(pa.int64())),
     }).replace_schema_metadata({"slim_ray": json.dumps(key)})
-    from slim_ray.data.io import write_table
-
-    write_table(t, path)
+    storage.write_table(t, path)
     return cand, False
 
 
 def evaluate_run(run_dir: str, data: rd.RecData, candidates: Optional[np.ndarray], ks, batch_users: int):
     """(per-user metrics {"full"|"sampled": {metric: [U]}}, meta) of one finished run on the test target."""
     import torch
-
-    from slim_ray.rec.train import load_run
 
     model, meta = load_run(run_dir)
     split = rd.eval_split(data, "test", int(meta["hp"]["max_len"]))
@@ -107,11 +103,8 @@ def evaluate_all(cfg) -> dict[str, Any]:
     """Evaluate every finished run under ``rec/`` that matches the sequences; write metrics.json."""
     ec = cfg.evaluate
     lay = cfg.layout
-    os.makedirs(lay.eval, exist_ok=True)
-    runs = sorted(
-        d for d in (os.listdir(lay.rec) if os.path.isdir(lay.rec) else [])
-        if os.path.exists(os.path.join(lay.rec, d, "meta.json")) and os.path.exists(os.path.join(lay.rec, d, "model.pt"))
-    )
+    storage.makedirs(lay.eval)
+    runs = finished_runs(lay.rec)
     if not runs:
         raise FileNotFoundError(f"{lay.rec}: no finished runs (run `slim-ray train` first)")
     n_items = rd.count_items(lay.items)
@@ -119,18 +112,17 @@ def evaluate_all(cfg) -> dict[str, Any]:
     ks = list(ec.ks)
     cand_all, reused = None, False
     if "sampled" in ec.protocols:
-        cand_all, reused = stored_candidates(os.path.join(lay.eval, "candidates.parquet"), full_data,
+        cand_all, reused = stored_candidates(storage.join(lay.eval, "candidates.parquet"), full_data,
                                              ec.num_negatives, ec.candidates_seed)
     names = metric_names(ks)
     groups: dict[tuple[str, str], list] = {}
-    for r in runs:
-        with open(os.path.join(lay.rec, r, "meta.json")) as f:
-            mu = json.load(f).get("max_users")
+    for run_dir in runs:
+        mu = (read_meta(run_dir) or {}).get("max_users")
         data = full_data if mu is None else rd.load_sequences(lay.sequences, mu, n_items)
         cand = None if cand_all is None else cand_all[: len(data)]
-        per_user, meta, split = evaluate_run(os.path.join(lay.rec, r), data, cand, ks, ec.batch_users)
+        per_user, meta, split = evaluate_run(run_dir, data, cand, ks, ec.batch_users)
         per_user = {p: v for p, v in per_user.items() if p in ec.protocols}
-        groups.setdefault((meta["backbone"], meta["variant"]), []).append((meta, per_user, split, r))
+        groups.setdefault((meta["backbone"], meta["variant"]), []).append((meta, per_user, split, storage.basename(run_dir)))
 
     results: dict[str, Any] = {}
     for (bb, var), items in sorted(groups.items()):
@@ -189,9 +181,7 @@ def evaluate_all(cfg) -> dict[str, Any]:
         "results": results,
         "significance": significance,
     }
-    with open(os.path.join(lay.eval, "metrics.json.tmp"), "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(os.path.join(lay.eval, "metrics.json.tmp"), os.path.join(lay.eval, "metrics.json"))
+    storage.write_json(storage.join(lay.eval, "metrics.json"), out)
     return out
 
 

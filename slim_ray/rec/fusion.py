@@ -13,6 +13,16 @@ reads vectors, positions and the item ids' equality pattern), so the model score
 it never saw, as long as they have text. Text vectors are frozen buffers saved in the checkpoint,
 so a trained model is self-contained. Score = dot product; loss = softmax CE over all items or
 BCE against sampled negatives.
+
+Rationales and time (docs/rec.md, "Rationale protocol"): a rationale written from the first ``c``
+items may only inform predictions of targets at positions >= ``c``. Training passes a
+``rationale_mask`` [B, L] that says, per position, whether its rationale may be fused; masked
+positions fuse the learned "no rationale" vector instead. Evaluation and serving pass no mask: the
+rationale was written from a prefix of the history the model reads, so every position may use it.
+
+During training the per-user rationale table is not a module buffer (DDP would copy it into every
+worker and broadcast it every step): ``pop_user_table`` takes it off the module and the training
+loop passes each batch's rationale vectors in (``rationale``, ``has_rationale``).
 """
 
 from __future__ import annotations
@@ -38,7 +48,11 @@ class SeqRec(nn.Module):
         user_text: Optional[torch.Tensor] = None,  # [n_users + 1, D], zero rows where missing
         user_has_text: Optional[torch.Tensor] = None,  # [n_users + 1] bool
         missing_rationale: str = "error",
+        learned_no_rationale: Optional[bool] = None,
     ):
+        """``learned_no_rationale``: train one "no rationale" vector (users without a rationale under
+        ``missing_rationale=learned``; positions before the rationale's cut under the consistent
+        protocol). None: only when ``missing_rationale == "learned"``."""
         super().__init__()
         self.backbone_name, self.mode, self.hp = backbone, mode, dict(hp)
         self.n_items = n_items
@@ -63,7 +77,9 @@ class SeqRec(nn.Module):
             self.register_buffer("user_text", user_text.float())
             self.register_buffer("user_has_text", user_has_text.bool())
             self.no_rationale = None
-            if missing_rationale == "learned":
+            if learned_no_rationale is None:
+                learned_no_rationale = missing_rationale == "learned"
+            if learned_no_rationale:
                 self.no_rationale = nn.Parameter(torch.zeros(user_text.shape[1]))
         self._init(backbone)
 
@@ -103,44 +119,74 @@ class SeqRec(nn.Module):
             return text
         return self.g_f(torch.cat([text, self.item_id.weight], -1))
 
+    def pop_user_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the per-user rationale table off the module (returns (user_text, user_has_text)), so
+        that wrapping the model in DDP neither copies nor broadcasts it; the caller then passes each
+        batch's rows as ``rationale`` / ``has_rationale``."""
+        text, has = self._buffers.pop("user_text"), self._buffers.pop("user_has_text")
+        return text, has
+
+    def put_user_table(self, user_text: torch.Tensor, user_has_text: torch.Tensor) -> None:
+        """Register the table again (before saving a self-contained model.pt)."""
+        self.register_buffer("user_text", user_text)
+        self.register_buffer("user_has_text", user_has_text)
+
     def rationale(self, users: torch.Tensor) -> torch.Tensor:
-        vec = self.user_text[users]
-        if self.no_rationale is not None:
-            vec = torch.where(self.user_has_text[users][:, None], vec, self.no_rationale[None])
+        """g_l of the stored rationale vectors of ``users`` (the fallback for users without one)."""
+        return self._fused_rationale(self.user_text[users], self.user_has_text[users])
+
+    def _fused_rationale(self, vec: torch.Tensor, has: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.no_rationale is not None and has is not None:
+            vec = torch.where(has[:, None], vec, self.no_rationale[None])
         return self.g_l(vec)
 
+    def _before_cut(self, like: torch.Tensor) -> torch.Tensor:
+        """[d]: what a position before the rationale's cut fuses: g_l(no-rationale vector), or g_l(0)."""
+        v = self.no_rationale if self.no_rationale is not None else like.new_zeros(self.g_l.in_features)
+        return self.g_l(v)
+
     def user_vectors(self, seq: torch.Tensor, lens: torch.Tensor, users: Optional[torch.Tensor], table: torch.Tensor,
-                     rationale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     rationale: Optional[torch.Tensor] = None, has_rationale: Optional[torch.Tensor] = None,
+                     rationale_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, L, d] (all-position backbones) or [B, d] (SR-GNN): user vector after each position.
 
-        ``rationale`` [B, D] (text vectors) replaces the stored vectors of ``users``: this is how a
-        user unseen in training (e.g. a serving request) is scored."""
+        ``rationale`` [B, D] (text vectors; ``has_rationale`` [B] bool marks real ones) replaces the
+        stored vectors of ``users``: this is how training batches carry them and how a user unseen
+        in training (a serving request) is scored. ``rationale_mask`` [B, L] bool: positions whose
+        target comes before the rationale's cut fuse the "no rationale" vector (None: none do)."""
         emb = table[seq] * (seq > 0)[..., None].to(table.dtype)
         h = self.backbone(emb, seq, lens)
         if self.uses_rationales:
-            r = self.g_l(rationale) if rationale is not None else self.rationale(users)
+            r = self._fused_rationale(rationale, has_rationale) if rationale is not None else self.rationale(users)
             if h.dim() == 3:
                 r = r[:, None].expand(-1, h.shape[1], -1)
+                mask = rationale_mask
+            else:
+                mask = None if rationale_mask is None else rationale_mask[torch.arange(len(lens)), lens - 1]
+            if mask is not None:
+                r = torch.where(mask[..., None], r, self._before_cut(r))
             h = self.g_f(torch.cat([r, h], -1))
         return h
 
-    def last_user_vectors(self, seq, lens, users, table, rationale=None) -> torch.Tensor:
+    def last_user_vectors(self, seq, lens, users, table, rationale=None, has_rationale=None) -> torch.Tensor:
         """[B, d]: the user vector after the last real position (what is scored at evaluation)."""
-        h = self.user_vectors(seq, lens, users, table, rationale)
+        h = self.user_vectors(seq, lens, users, table, rationale, has_rationale)
         if h.dim() == 3:
             h = h[torch.arange(len(lens), device=h.device), lens - 1]
         return h
 
     # ------------------------------------------------------------------ training loss
 
-    def forward(self, seq, lens, users, targets, negatives=None, norm: float = 1.0) -> torch.Tensor:
+    def forward(self, seq, lens, users, targets, negatives=None, norm: float = 1.0,
+                rationale=None, has_rationale=None, rationale_mask=None) -> torch.Tensor:
         """Summed loss over every target (``targets > 0``), divided by ``norm``.
 
         ``targets`` is [B, L] (the item to predict after each position; 0 = none). SR-GNN predicts
         only after the last position. ``negatives`` [B, L, k] are used by ``loss=bce``.
+        ``rationale`` / ``has_rationale`` / ``rationale_mask``: see ``user_vectors``.
         """
         table = self.item_table()
-        h = self.user_vectors(seq, lens, users, table)
+        h = self.user_vectors(seq, lens, users, table, rationale, has_rationale, rationale_mask)
         if h.dim() == 3:
             sel = targets > 0
             hs, tgt = h[sel], targets[sel]

@@ -22,9 +22,8 @@ def sweep(cfg) -> list[tuple[str, str, Any, int]]:
 
 
 def run_train(cfg) -> dict[str, Any]:
-    import json
-    import os
-
+    from slim_ray import storage
+    from slim_ray.rec.checkpoint import META, read_meta
     from slim_ray.rec.train import fit_sweep, is_done, run_spec
     from slim_ray.runtime import init_ray
 
@@ -35,36 +34,43 @@ def run_train(cfg) -> dict[str, Any]:
     todo = [(s, d) for s, d in specs if cfg.rec.force or not is_done(d, s["fingerprint"])]
     if cfg.rec.force:
         for _, d in todo:
-            if os.path.exists(os.path.join(d, "meta.json")):
-                os.remove(os.path.join(d, "meta.json"))
+            storage.delete_file(storage.join(d, META))
     summary: dict[str, Any] = {"runs": {}, "trained": len(todo), "skipped": len(specs) - len(todo)}
     t0 = time.time()
     if todo:
         init_ray(cfg.ray)
         logger.warning("[train] %d run(s) to train, %d already done", len(todo), len(specs) - len(todo))
         fit_sweep(cfg, todo)
+    trained = {d for _, d in todo}
+    nodes: set[str] = set()
     for spec, run_dir in specs:
-        with open(os.path.join(run_dir, "meta.json")) as f:
-            meta = json.load(f)
-        tag = os.path.basename(run_dir)
+        meta = read_meta(run_dir)
+        if meta is None:
+            raise FileNotFoundError(f"{run_dir}: training ended without publishing {META}")
+        if run_dir in trained:
+            nodes.update(meta.get("node_ids") or [])
+        tag = storage.basename(run_dir)
         summary["runs"][tag] = {"best_epoch": meta["best_epoch"], "valid_ndcg@10": round(meta["best_valid_ndcg@10"], 4),
                                 "epochs": len(meta["epoch_seconds"]), "seconds": meta["wall_seconds"],
-                                "fallback_users": meta["fallback_users"]}
+                                "fallback_users": meta["fallback_users"],
+                                "rationale_protocol": meta.get("rationale_protocol")}
         logger.warning("[train] %s: valid NDCG@10 %.4f at epoch %d (%d epochs, %.0fs)", tag,
                        meta["best_valid_ndcg@10"], meta["best_epoch"], len(meta["epoch_seconds"]), meta["wall_seconds"])
+    summary["node_ids"] = sorted(nodes)  # the Train workers' nodes of the runs trained by this call
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 
 
 def _check_inputs(specs) -> None:
     """Fail before starting Ray when an input folder is missing (names the folder and the fix)."""
-    import os
+    from slim_ray import storage
 
     for spec, _ in specs:
         for key, fix in (("sequences", "slim-ray prepare"), ("item_embeddings", "slim-ray encode"),
-                         ("user_embeddings", "slim-ray encode (after teach/reason)")):
+                         ("user_embeddings", "slim-ray encode (after teach/reason)"),
+                         ("rationales", "slim-ray teach / reason, or set rec.rationale_protocol=leaky")):
             path = spec.get(key)
-            if path and not os.path.exists(path):
+            if path and not storage.exists(path):
                 raise FileNotFoundError(f"{path}: missing input of rec run {spec['backbone']}/{spec['variant']} "
                                         f"(run `{fix}` first)")
         if spec.get("user_embeddings") and spec["missing_rationale"] == "error":

@@ -6,12 +6,16 @@ and divided by (targets in the global batch / world size), so DDP's gradient ave
 gradient of the global-batch mean: 1 worker and N workers take the same steps (up to dropout
 noise and float rounding). Sampled negatives (loss=bce) are drawn for the global batch too.
 
+The per-user rationale table is not part of the DDP module: each batch carries its users'
+rationale vectors, and under ``rec.rationale_protocol=consistent`` a mask that keeps a rationale
+out of the positions whose targets it may have read (docs/rec.md, "Rationale protocol").
+
 Validation (full ranking NDCG@10 on the valid target) is sharded over workers and all-reduced, so
 every worker takes the same early-stopping decision. Each improvement is reported with a
 checkpoint through ``ray.train.report`` (weights without the frozen text buffers + optimizer),
 from which a restarted worker group resumes the run (``FailureConfig(max_failures=1)``). When a
-run ends, rank 0 writes ``rec/<run>/model.pt`` (best weights + text buffers: self-contained) and
-``meta.json`` (settings, fingerprint, training log, fallback users); finished runs are skipped.
+run ends, rank 0 publishes ``rec/<run>/model.pt`` and ``meta.json`` through
+``slim_ray.rec.checkpoint`` (to a path or a storage URI); finished runs are skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from typing import Any, Optional
@@ -28,6 +31,8 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from slim_ray import storage
+from slim_ray.rec.checkpoint import is_finished, write_run
 from slim_ray.rec.config import RecConfig, variant_name
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ TRAIN_ON = ("all_positions", "prefixes")
 
 
 def backbone_defaults(backbone: str) -> dict[str, Any]:
+    """The packaged YAML of a backbone (part of the code, not run data)."""
     with open(os.path.join(DEFAULTS_DIR, f"{backbone}.yaml")) as f:
         return yaml.safe_load(f)
 
@@ -69,15 +75,19 @@ def run_spec(cfg, backbone: str, mode: str, role: Optional[str], seed: int) -> d
     """Everything one run needs, as plain JSON (shipped to the Ray Train workers)."""
     rc: RecConfig = cfg.rec
     lay = cfg.layout
+    protocol = rc.rationale_protocol if role else None
     spec = {
         "backbone": backbone, "mode": mode, "role": role, "variant": variant_name(mode, role),
         "seed": int(seed), "hp": resolve_hparams(rc, backbone),
-        "sequences": os.path.abspath(lay.sequences), "items": os.path.abspath(lay.items),
-        "item_embeddings": os.path.abspath(lay.item_embeddings) if mode != "id" else None,
-        "user_embeddings": os.path.abspath(lay.user_embeddings(role)) if role else None,
+        "sequences": storage.normalize(lay.sequences), "items": storage.normalize(lay.items),
+        "item_embeddings": storage.normalize(lay.item_embeddings) if mode != "id" else None,
+        "user_embeddings": storage.normalize(lay.user_embeddings(role)) if role else None,
         "missing_rationale": rc.missing_rationale, "max_users": rc.max_users,
         "eval_every": rc.eval_every,
     }
+    if protocol is not None:  # absent for id / id_text runs: their fingerprint does not change
+        spec["rationale_protocol"] = protocol
+        spec["rationales"] = storage.normalize(lay.rationales(role)) if protocol == "consistent" else None
     spec["fingerprint"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return spec
 
@@ -100,8 +110,9 @@ def build_model(spec: dict[str, Any], data):
         ut, has_np, fallback = rd.user_text_table(spec["user_embeddings"], data.user_ids, data.n_users,
                                                   spec["missing_rationale"])
         user_text, has = torch.from_numpy(ut), torch.from_numpy(has_np)
+    learned = spec["missing_rationale"] == "learned" or spec.get("rationale_protocol") == "consistent"
     model = SeqRec(spec["backbone"], spec["mode"], spec["hp"], data.n_items, item_text, user_text, has,
-                   spec["missing_rationale"])
+                   spec["missing_rationale"], learned_no_rationale=bool(learned and spec["user_embeddings"]))
     return model, fallback
 
 
@@ -112,8 +123,9 @@ def load_data(spec: dict[str, Any]):
     return rd.load_sequences(spec["sequences"], spec["max_users"], n_items)
 
 
-def valid_ndcg(model, split, rank: int, world: int, device, k: int = 10) -> tuple[float, float]:
-    """(sum of NDCG@k, sum of HR@k) over this worker's shard of the validation users."""
+def valid_ndcg(model, split, rank: int, world: int, device, user_table=None, k: int = 10) -> tuple[float, float]:
+    """(sum of NDCG@k, sum of HR@k) over this worker's shard of the validation users.
+    ``user_table``: (rationale vectors, has) indexed by user id, for the rationale modes."""
     import torch
 
     from slim_ray.rec.metrics import evaluate_vectors
@@ -122,10 +134,14 @@ def valid_ndcg(model, split, rank: int, world: int, device, k: int = 10) -> tupl
     if not len(idx):
         return 0.0, 0.0
     sub = _subset(split, idx)
+    users = torch.as_tensor(sub.users)
+    rat = has = None
+    if user_table is not None:
+        rat, has = user_table[0][users].to(device), user_table[1][users].to(device)
     with torch.no_grad():
         table = model.item_table()
         uv = model.last_user_vectors(torch.as_tensor(sub.seq, device=device), torch.as_tensor(sub.lens, device=device),
-                                     torch.as_tensor(sub.users, device=device), table)
+                                     users.to(device), table, rat, has)
         m = evaluate_vectors(uv, table, sub, [k])["full"]
     return float(m[f"ndcg@{k}"].sum()), float(m[f"hr@{k}"].sum())
 
@@ -160,135 +176,211 @@ def sweep_loop(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(int(config["torch_threads"]))
     for spec, run_dir in config["runs"]:
-        if is_done(run_dir, spec["fingerprint"]):
+        if is_finished(run_dir, spec["fingerprint"]):
             continue
         train_one(spec, run_dir)
 
 
-def train_one(spec: dict[str, Any], run_dir: str) -> None:
-    """Train one run (every worker), then rank 0 writes ``run_dir/model.pt`` + ``meta.json``."""
-    import torch
+def _worker_node_ids(world: int) -> list[str]:
+    """Sorted distinct Ray node ids of the worker group (gathered over the process group)."""
+    import ray
     import torch.distributed as dist
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
 
-    from slim_ray.rec import data as rd
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, node)
+    return sorted(set(nodes))
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    hp, seed = spec["hp"], spec["seed"]
-    t_start = time.time()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    data = load_data(spec)
-    model, fallback = build_model(spec, data)
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    device = next(core.parameters()).device
-    opt = torch.optim.Adam(model.parameters(), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
-    max_len = int(hp["max_len"])
-    valid = rd.eval_split(data, "valid", max_len)
-    fixed = rd.window_examples(data, max_len) if hp["train_on"] == "all_positions" else None
 
-    start_epoch, best, best_epoch, bad, history, epoch_secs = 0, -1.0, -1, 0, [], []
-    best_state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restarted worker group: resume this run if the checkpoint is its own
+class _Run:
+    """The state of one run on one worker: data, model, optimizer and the training log."""
+
+    def __init__(self, spec: dict[str, Any]):
+        import torch
+        import ray.train
+        import ray.train.torch
+
+        from slim_ray.rec import data as rd
+
+        ctx = ray.train.get_context()
+        self.spec, self.hp, self.seed = spec, spec["hp"], spec["seed"]
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed)
+        self.data = load_data(spec)
+        model, self.fallback = build_model(spec, self.data)
+        # The per-user table leaves the module before DDP wraps it: batches carry their rows instead.
+        self.user_table = model.pop_user_table() if model.uses_rationales else None
+        self.cuts = (rd.rationale_cuts(spec["rationales"], self.data)
+                     if spec.get("rationale_protocol") == "consistent" else None)
+        self.model = ray.train.torch.prepare_model(model)
+        self.core = self.model.module if hasattr(self.model, "module") else self.model
+        self.device = next(self.core.parameters()).device
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.hp["lr"]),
+                                    weight_decay=float(self.hp["weight_decay"]))
+        self.max_len = int(self.hp["max_len"])
+        self.valid = rd.eval_split(self.data, "valid", self.max_len)
+        self.fixed = (rd.window_examples(self.data, self.max_len, self.cuts, spec.get("rationale_protocol", "leaky"))
+                      if self.hp["train_on"] == "all_positions" else None)
+        self.start_epoch, self.best, self.best_epoch, self.bad = 0, -1.0, -1, 0
+        self.history: list[dict] = []
+        self.epoch_secs: list[float] = []
+        self.best_state = None
+
+    def resume(self) -> None:
+        """Continue from the worker group's last checkpoint when it belongs to this run."""
+        import torch
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
         with ckpt.as_directory() as d:
             path = os.path.join(d, "state.pt")
-            st = torch.load(path, map_location=device, weights_only=False) if os.path.exists(path) else None
-        if st is not None and st.get("fingerprint") == spec["fingerprint"]:
-            core.load_state_dict(st["model"], strict=False)
-            opt.load_state_dict(st["optimizer"])
-            start_epoch, best, best_epoch = st["epoch"] + 1, st["best"], st["epoch"]
-            history, epoch_secs = st["history"], st["epoch_secs"]
-            best_state = {k: v.detach().clone() for k, v in _weights(core.state_dict()).items()}
+            st = torch.load(path, map_location=self.device, weights_only=True) if os.path.exists(path) else None
+        if st is None or st.get("fingerprint") != self.spec["fingerprint"]:
+            return
+        self.core.load_state_dict(st["model"], strict=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.start_epoch, self.best, self.best_epoch = st["epoch"] + 1, st["best"], st["epoch"]
+        self.history, self.epoch_secs = st["history"], st["epoch_secs"]
+        self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
 
-    gbs = int(hp["batch_size"])
-    n_items, k_neg = data.n_items, int(hp["num_negatives"])
-    tag = os.path.basename(run_dir.rstrip("/"))
-    for epoch in range(start_epoch, int(hp["epochs"])):
-        t0 = time.time()
-        model.train()
-        rng = np.random.default_rng([seed, epoch])
-        ex = fixed if fixed is not None else rd.prefix_examples(data, max_len, hp.get("prefixes_per_user"), rng)
+    def examples(self, epoch: int, rng: np.random.Generator):
+        from slim_ray.rec import data as rd
+
+        if self.fixed is not None:
+            return self.fixed
+        return rd.prefix_examples(self.data, self.max_len, self.hp.get("prefixes_per_user"), rng, self.cuts,
+                                  self.spec.get("rationale_protocol", "leaky"))
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the examples; returns the summed loss of the whole global batch stream."""
+        import torch
+
+        self.model.train()
+        rng = np.random.default_rng([self.seed, epoch])
+        ex = self.examples(epoch, rng)
+        self.n_targets = int((ex.targets > 0).sum())
         order = rng.permutation(len(ex))
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        gbs, k_neg, world, dev = int(self.hp["batch_size"]), int(self.hp["num_negatives"]), self.world, self.device
         total = 0.0
         for b in range(0, len(order), gbs):
             gidx = order[b:b + gbs]
             if len(gidx) < world:
                 continue  # a tail batch smaller than the world: skipped by every worker alike
-            gt = ex.targets[gidx]
-            n_tgt = int((gt > 0).sum())
+            n_tgt = int((ex.targets[gidx] > 0).sum())
             negs = None
-            if hp["loss"] == "bce":
-                negs = torch.randint(1, n_items + 1, (len(gidx), max_len, k_neg), generator=gen)
-            mine = np.array_split(np.arange(len(gidx)), world)[rank]
+            if self.hp["loss"] == "bce":
+                negs = torch.randint(1, self.data.n_items + 1, (len(gidx), self.max_len, k_neg), generator=gen)
+            mine = np.array_split(np.arange(len(gidx)), world)[self.rank]
             li = gidx[mine]
-            loss = model(
-                torch.as_tensor(ex.seq[li], device=device), torch.as_tensor(ex.lens[li], device=device),
-                torch.as_tensor(ex.users[li], device=device), torch.as_tensor(ex.targets[li], device=device),
-                negs[mine].to(device) if negs is not None else None, norm=max(1, n_tgt) / world,
+            users = torch.as_tensor(ex.users[li])
+            rat = has = mask = None
+            if self.user_table is not None:
+                rat, has = self.user_table[0][users].to(dev), self.user_table[1][users].to(dev)
+            if ex.rationale_mask is not None:
+                mask = torch.as_tensor(ex.rationale_mask[li], device=dev)
+            loss = self.model(
+                torch.as_tensor(ex.seq[li], device=dev), torch.as_tensor(ex.lens[li], device=dev), users.to(dev),
+                torch.as_tensor(ex.targets[li], device=dev), negs[mine].to(dev) if negs is not None else None,
+                norm=max(1, n_tgt) / world, rationale=rat, has_rationale=has, rationale_mask=mask,
             )
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.opt.step()
             total += float(loss.detach()) * max(1, n_tgt) / world
-        loss_sum = torch.tensor([total], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        secs = time.time() - t0
-        epoch_secs.append(secs)
-        metrics = {"run": tag, "epoch": epoch, "epoch_seconds": secs,
-                   "train_loss": float(loss_sum.item() / max(1, int((ex.targets > 0).sum())))}
-        if (epoch + 1) % int(spec["eval_every"]) and epoch + 1 != int(hp["epochs"]):
-            history.append(metrics)
-            continue
-        model.eval()
-        s = torch.tensor(valid_ndcg(core, valid, rank, world, device), dtype=torch.float64)
-        if world > 1:
+        return total
+
+    def validate(self, metrics: dict[str, Any]) -> bool:
+        """Valid NDCG@10 / HR@10 into ``metrics``; True when it improved (best weights kept)."""
+        import torch
+        import torch.distributed as dist
+
+        self.model.eval()
+        s = torch.tensor(valid_ndcg(self.core, self.valid, self.rank, self.world, self.device, self.user_table),
+                         dtype=torch.float64)
+        if self.world > 1:
             dist.all_reduce(s)
-        ndcg, hr = (s / len(valid.users)).tolist()
+        ndcg, hr = (s / len(self.valid.users)).tolist()
         metrics.update({"valid_ndcg@10": ndcg, "valid_hr@10": hr})
-        history.append(metrics)
-        improved = ndcg > best
-        if improved:
-            best, best_epoch, bad = ndcg, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in _weights(core.state_dict()).items()}
-        else:
-            bad += 1
+        if ndcg <= self.best:
+            self.bad += 1
+            return False
+        self.best, self.best_epoch, self.bad = ndcg, metrics["epoch"], 0
+        self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
+        return True
+
+    def report(self, metrics: dict[str, Any], improved: bool) -> None:
+        """``ray.train.report`` every validation; rank 0 attaches a checkpoint on improvement."""
+        import torch
+        import ray.train
+        from ray.train import Checkpoint
+
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if improved and rank == 0:
-                torch.save({"fingerprint": spec["fingerprint"], "model": best_state, "optimizer": opt.state_dict(),
-                            "epoch": epoch, "best": best, "history": history, "epoch_secs": epoch_secs},
-                           os.path.join(d, "state.pt"))
+            if improved and self.rank == 0:
+                torch.save({"fingerprint": self.spec["fingerprint"], "model": self.best_state,
+                            "optimizer": self.opt.state_dict(), "epoch": metrics["epoch"], "best": self.best,
+                            "history": self.history, "epoch_secs": self.epoch_secs}, os.path.join(d, "state.pt"))
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if bad >= int(hp["patience"]):
-            break
 
-    if rank == 0:  # the best weights (+ text buffers, so the folder is self-contained) and the log
-        state = core.state_dict()
-        if best_state is not None:
-            state.update(best_state)
-        os.makedirs(run_dir, exist_ok=True)
-        torch.save(state, os.path.join(run_dir, "model.pt.tmp"))
-        os.replace(os.path.join(run_dir, "model.pt.tmp"), os.path.join(run_dir, "model.pt"))
+    def publish(self, run_dir: str, t_start: float, node_ids: list[str]) -> None:
+        """Rank 0: the best weights + text tables (self-contained model.pt) and meta.json."""
+        state = self.core.state_dict()
+        if self.best_state is not None:
+            state.update(self.best_state)
+        if self.user_table is not None:
+            state["user_text"], state["user_has_text"] = self.user_table
+        spec = self.spec
         meta = {**{k: spec[k] for k in ("backbone", "mode", "role", "variant", "seed", "hp", "fingerprint",
                                         "missing_rationale", "max_users")},
-                "inputs": {k: spec[k] for k in ("sequences", "items", "item_embeddings", "user_embeddings")},
-                "best_epoch": best_epoch, "best_valid_ndcg@10": best, "history": history,
-                "epoch_seconds": epoch_secs, "wall_seconds": round(time.time() - t_start, 2),
-                "fallback_users": len(fallback), "fallback_user_ids": fallback[:20],
-                "world_size": world, "device": str(device),
-                "n_users": len(data), "n_items": data.n_items, "max_user_id": data.n_users}
-        with open(os.path.join(run_dir, "meta.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(os.path.join(run_dir, "meta.json.tmp"), os.path.join(run_dir, "meta.json"))
-    if world > 1:
+                "rationale_protocol": spec.get("rationale_protocol"),
+                "inputs": {k: spec.get(k) for k in ("sequences", "items", "item_embeddings", "user_embeddings",
+                                                    "rationales")},
+                "best_epoch": self.best_epoch, "best_valid_ndcg@10": self.best, "history": self.history,
+                "epoch_seconds": self.epoch_secs, "wall_seconds": round(time.time() - t_start, 2),
+                "fallback_users": len(self.fallback), "fallback_user_ids": self.fallback[:20],
+                "world_size": self.world, "device": str(self.device), "node_ids": node_ids,
+                "n_users": len(self.data), "n_items": self.data.n_items, "max_user_id": self.data.n_users}
+        write_run(run_dir, state, meta)
+
+
+def train_one(spec: dict[str, Any], run_dir: str) -> None:
+    """Train one run (every worker), then rank 0 publishes ``run_dir/model.pt`` + ``meta.json``."""
+    import torch
+    import torch.distributed as dist
+
+    t_start = time.time()
+    run = _Run(spec)
+    node_ids = _worker_node_ids(run.world)
+    run.resume()
+    tag = storage.basename(run_dir)
+    epochs = int(run.hp["epochs"])
+    for epoch in range(run.start_epoch, epochs):
+        t0 = time.time()
+        loss_sum = torch.tensor([run.train_epoch(epoch)], dtype=torch.float64)
+        if run.world > 1:
+            dist.all_reduce(loss_sum)
+        secs = time.time() - t0
+        run.epoch_secs.append(secs)
+        metrics = {"run": tag, "epoch": epoch, "epoch_seconds": secs,
+                   "train_loss": float(loss_sum.item() / max(1, run.n_targets))}
+        if (epoch + 1) % int(spec["eval_every"]) and epoch + 1 != epochs:
+            run.history.append(metrics)
+            continue
+        improved = run.validate(metrics)
+        run.history.append(metrics)
+        run.report(metrics, improved)
+        if run.bad >= int(run.hp["patience"]):
+            break
+    if run.rank == 0:
+        run.publish(run_dir, t_start, node_ids)
+    if run.world > 1:
         dist.barrier()
 
 
@@ -296,12 +388,19 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
 
 
 def is_done(run_dir: str, fingerprint: str) -> bool:
-    try:
-        with open(os.path.join(run_dir, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return meta.get("fingerprint") == fingerprint and os.path.exists(os.path.join(run_dir, "model.pt"))
+    """A finished run with these settings (see ``slim_ray.rec.checkpoint.is_finished``)."""
+    return is_finished(run_dir, fingerprint)
+
+
+def train_storage(cfg) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) of Ray Train's run storage: ``rec/_ray_train`` of the run
+    folder, as a local path, or as a path inside the ``pyarrow.fs`` filesystem of a storage URI
+    (the same filesystem, credentials from the environment, that ``slim_ray.storage`` uses)."""
+    uri = storage.join(cfg.layout.rec, "_ray_train")
+    if storage.is_local(uri):
+        return storage.normalize(uri), None
+    fs, path = storage.resolve(uri)
+    return path, fs
 
 
 def fit_sweep(cfg, runs: list[tuple[dict[str, Any], str]]) -> float:
@@ -319,41 +418,28 @@ def fit_sweep(cfg, runs: list[tuple[dict[str, Any], str]]) -> float:
     use_gpu = rc.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= rc.num_workers
-    storage = os.path.abspath(os.path.join(cfg.layout.rec, "_ray_train"))
+    storage_path, storage_fs = train_storage(cfg)
     key = hashlib.sha256("".join(s["fingerprint"] for s, _ in runs).encode()).hexdigest()[:12]
     name = f"sweep-{key}-w{rc.num_workers}"
     t0 = time.time()
     trainer = TorchTrainer(
         sweep_loop,
-        train_loop_config={"runs": [(s, os.path.abspath(d)) for s, d in runs],
+        train_loop_config={"runs": [(s, storage.normalize(d)) for s, d in runs],
                            "torch_threads": rc.torch_threads or max(1, int(rc.cpus_per_worker))},
         torch_config=train_backend_config(cfg.ray),
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=bool(use_gpu),
                                      resources_per_worker={"CPU": rc.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=1)),
     )
     trainer.fit()
-    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
+    storage.delete_dir(storage.join(cfg.layout.rec, "_ray_train", name))
     return time.time() - t0
 
 
 def load_run(run_dir: str, map_location: str = "cpu"):
-    """(model in eval mode, meta) of a finished run folder, rebuilt without the embeddings folders
-    (the text vectors are buffers inside model.pt)."""
-    import torch
+    """Kept for callers of the old location; see ``slim_ray.rec.checkpoint.load_run``."""
+    from slim_ray.rec.checkpoint import load_run as _load_run
 
-    from slim_ray.rec.fusion import SeqRec
-
-    with open(os.path.join(run_dir, "meta.json")) as f:
-        meta = json.load(f)
-    state = torch.load(os.path.join(run_dir, "model.pt"), map_location=map_location, weights_only=True)
-    item_text = state.get("item_text")
-    user_text = state.get("user_text")
-    has = state.get("user_has_text")
-    model = SeqRec(meta["backbone"], meta["mode"], meta["hp"], meta["n_items"], item_text, user_text, has,
-                   meta["missing_rationale"])
-    model.load_state_dict(state)
-    model.eval()
-    return model, meta
+    return _load_run(run_dir, map_location)

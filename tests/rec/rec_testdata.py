@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from slim_ray.data.io import write_table
-from slim_ray.data.schemas import ITEMS_SCHEMA, SEQUENCES_SCHEMA, embeddings_schema
+from slim_ray.data.schemas import ITEMS_SCHEMA, RATIONALES_SCHEMA, SEQUENCES_SCHEMA, embeddings_schema
+from slim_ray.storage import join, write_table
 
 
 def write_sequences(root: str, seqs: list[list[int]], n_items: int) -> None:
@@ -20,7 +19,7 @@ def write_sequences(root: str, seqs: list[list[int]], n_items: int) -> None:
         "user_key": pa.array([f"u{i}" for i in range(1, U + 1)]),
         "item_ids": pa.array(seqs, pa.list_(pa.int64())),
         "timestamps": pa.array([list(range(len(s))) for s in seqs], pa.list_(pa.int64())),
-    }, schema=SEQUENCES_SCHEMA), os.path.join(root, "prepared", "sequences", "part-0.parquet"))
+    }, schema=SEQUENCES_SCHEMA), join(root, "prepared", "sequences", "part-0.parquet"))
     write_table(pa.table({
         "item_id": pa.array(np.arange(1, n_items + 1), pa.int64()),
         "item_key": pa.array([f"i{i}" for i in range(1, n_items + 1)]),
@@ -29,7 +28,7 @@ def write_sequences(root: str, seqs: list[list[int]], n_items: int) -> None:
         "brand": pa.array([None] * n_items, pa.string()),
         "year": pa.array([None] * n_items, pa.int64()),
         "text": pa.array([f"item {i}" for i in range(1, n_items + 1)]),
-    }, schema=ITEMS_SCHEMA), os.path.join(root, "prepared", "items", "part-0.parquet"))
+    }, schema=ITEMS_SCHEMA), join(root, "prepared", "items", "part-0.parquet"))
 
 
 def write_vectors(folder: str, ids, vecs: np.ndarray, kind: str) -> None:
@@ -39,7 +38,26 @@ def write_vectors(folder: str, ids, vecs: np.ndarray, kind: str) -> None:
         "kind": pa.array([kind] * len(ids)),
         "encoder": pa.array(["test"] * len(ids)),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.astype(np.float32).reshape(-1)), d),
-    }, schema=embeddings_schema(d)), os.path.join(folder, "part-0.parquet"))
+    }, schema=embeddings_schema(d)), join(folder, "part-0.parquet"))
+
+
+def write_rationales(folder: str, user_ids, prefix_lens, role: str) -> None:
+    """A rationales contract: one usable rationale per user, written from ``prefix_lens`` items."""
+    n = len(user_ids)
+    cols = {f.name: pa.array([None] * n, f.type) for f in RATIONALES_SCHEMA}
+    cols.update({
+        "rationale_key": pa.array([f"k{u}" for u in user_ids]),
+        "user_id": pa.array(np.asarray(user_ids), pa.int64()),
+        "role": pa.array([role] * n),
+        "prefix_len": pa.array(np.asarray(prefix_lens), pa.int64()),
+        "text": pa.array([f"rationale of user {u}" for u in user_ids]),
+    })
+    write_table(pa.table(cols, schema=RATIONALES_SCHEMA), join(folder, "part-0.parquet"))
+
+
+def tail_cuts(seqs: list[list[int]], tail: int = 3) -> list[int]:
+    """Cuts that leave the last ``tail`` training-prefix items as targets (at least 1 item read)."""
+    return [max(1, len(s) - 2 - tail) for s in seqs]
 
 
 def cyclic_sequences(n_users: int, n_items: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
@@ -56,7 +74,8 @@ def cyclic_sequences(n_users: int, n_items: int, min_len: int, max_len: int, see
 def synthetic_run(root: str, n_users: int = 120, n_items: int = 40, text_dim: int = 16,
                   rationale_users: Optional[int] = None, roles=("teacher", "student"), seed: int = 0) -> None:
     """Cyclic sequences + item text vectors + rationale vectors (for the first ``rationale_users``
-    users of each role; all when None) in the embeddings contract."""
+    users of each role; all when None) in the embeddings contract, and their rationales (the
+    contract's prefix_len: a cut that leaves 3 training targets after it)."""
     from slim_ray.layout import RunLayout
 
     lay = RunLayout(root)
@@ -67,3 +86,4 @@ def synthetic_run(root: str, n_users: int = 120, n_items: int = 40, text_dim: in
     k = n_users if rationale_users is None else rationale_users
     for role in roles:
         write_vectors(lay.user_embeddings(role), np.arange(1, k + 1), rng.normal(size=(k, text_dim)), "user")
+        write_rationales(lay.rationales(role), np.arange(1, k + 1), tail_cuts(seqs[:k]), role)

@@ -81,9 +81,10 @@ def test_session_graph_by_hand():
     assert a_in[0, 0].tolist() == [0, 1, 0, 0, 0]  # node 4 is entered from 5 only
 
 
-def _model(backbone, mode, root, missing="learned", **over):
+def _model(backbone, mode, root, missing="learned", protocol="consistent", **over):
     cfg = load_config(None, [f"run_dir={root}", f"rec.backbone={backbone}", f"rec.mode={mode}",
-                             f"rec.missing_rationale={missing}", "rec.max_len=12", "rec.hidden=16",
+                             f"rec.missing_rationale={missing}", f"rec.rationale_protocol={protocol}",
+                             "rec.max_len=12", "rec.hidden=16",
                              "rec.lr=0.01"] + [f"rec.params.{k}={v}" for k, v in over.items()])
     from slim_ray.rec.train import build_model, load_data
 
@@ -155,5 +156,8 @@ def test_bce_loss_and_text_mode_scores_unseen_items_and_users(tiny_run):
 def test_missing_rationales_error_names_count_and_ids(tiny_run):
     with pytest.raises(rd.MissingRationales, match=r"10 of 40 users have no rationale vector, first user_ids \[31, 32, 33, 34, 35\]"):
         _model("gru4rec", "slim:teacher", tiny_run, missing="error")
-    model, *_ , fallback = _model("gru4rec", "slim:teacher", tiny_run, missing="zeros")
+    model, *_ , fallback = _model("gru4rec", "slim:teacher", tiny_run, missing="zeros", protocol="leaky")
     assert fallback[:2] == [31, 32] and model.no_rationale is None
+    # the consistent protocol always learns the vector fused before a rationale's cut
+    model, *_ = _model("gru4rec", "slim:teacher", tiny_run, missing="zeros")
+    assert model.no_rationale is not None and model.no_rationale.shape == (8,)
