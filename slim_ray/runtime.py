@@ -166,6 +166,11 @@ def _quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
+    # Ray Data logs every finished dataset at INFO on the console; keep them in its log file
+    # (ray-data.log in the session logs) and show warnings only.
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def ray_logs_dir() -> Optional[str]:

@@ -1,17 +1,26 @@
-"""End to end: `slim-ray run --config configs/quick.yaml` on a MovieLens-100K slice.
+"""End to end: the real `slim-ray run --config configs/quick.yaml` command on a MovieLens-100K slice.
 
-Asserts that every stage produced its contract, that the leakage guard holds (rationales see only
-the training prefix), that every recommender variant beats the random ranker, and that an
+The command runs in a subprocess with a clean environment (nothing set for it but PATH, HOME and
+offline HF), exactly as a user starts it. While it runs, every process of its tree (the driver, the
+GCS, raylets, Ray Data actors, Ray Train workers with their rendezvous and gloo sockets) is polled
+for listening sockets: all must be on loopback. Asserts that every stage produced its contract,
+that the leakage guard holds (rationales see only the training prefix), that every recommender
+variant beats the random ranker, that the console stays short off a terminal, and that an
 immediate rerun skips every stage.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
+import psutil
 import pyarrow.compute as pc
 import pytest
 
@@ -21,29 +30,106 @@ from slim_ray.data.schemas import embeddings_schema, check_columns
 from slim_ray.stages import PIPELINE_ORDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLIM_RAY = os.path.join(os.path.dirname(sys.executable), "slim-ray")
+# What a user's shell has: no RAY_* variables, no PYTHONPATH tricks of this test session.
+CLEAN_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "SLIM_RAY_CACHE", "TMPDIR")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: os.environ[k] for k in CLEAN_ENV_KEYS if k in os.environ}
+    env.update(HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def non_loopback_listeners(root_pid: int) -> set[str]:
+    """'<cmd> listens on <ip>:<port>' for every listener of the process tree not on loopback."""
+    bad = set()
+    try:
+        procs = [psutil.Process(root_pid)] + psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return bad
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status != psutil.CONN_LISTEN or not c.laddr:
+                continue
+            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            if getattr(ip, "ipv4_mapped", None) is not None:  # ::ffff:127.0.0.1
+                ip = ip.ipv4_mapped
+            if not ip.is_loopback:
+                try:
+                    name = " ".join(proc.cmdline()[:3])[:120]
+                except psutil.Error:
+                    name = str(proc.pid)
+                bad.add(f"{name} listens on {c.laddr.ip}:{c.laddr.port}")
+    return bad
+
+
+def run_watched(cmd: list[str], log_path: str, timeout: float) -> tuple[int, set[str], float]:
+    """Run ``cmd`` with a clean environment, its output to ``log_path``; poll its tree's listeners."""
+    bad: set[str] = set()
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                bad.update(non_loopback_listeners(proc.pid))
+                stop.wait(0.5)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            stop.set()
+            poller.join()
+    return rc, bad, time.time() - t0
 
 
 @pytest.fixture(scope="module")
-def quick_run(ray_session, tmp_path_factory):
-    from slim_ray.pipeline import run_pipeline
-
-    run_dir = str(tmp_path_factory.mktemp("quick") / "run")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quick")
+    run_dir = str(tmp / "run")
+    cmd = [SLIM_RAY, "run", "--config", "configs/quick.yaml", "--set", f"run_dir={run_dir}"]
+    rc1, bad1, first_s = run_watched(cmd, str(tmp / "first.log"), timeout=3000)
+    console = open(tmp / "first.log").read()
+    assert rc1 == 0, console[-4000:]
+    first = json.load(open(os.path.join(run_dir, "run_summary.json")))["stages"]
+    rc2, bad2, second_s = run_watched(cmd, str(tmp / "second.log"), timeout=600)
+    assert rc2 == 0, open(tmp / "second.log").read()[-3000:]
+    second = json.load(open(os.path.join(run_dir, "run_summary.json")))["stages"]
     cfg = load_config(os.path.join(ROOT, "configs", "quick.yaml"), [f"run_dir={run_dir}"])
-    t0 = time.time()
-    first = run_pipeline(cfg)
-    first_s = time.time() - t0
-    t0 = time.time()
-    second = run_pipeline(cfg)
-    second_s = time.time() - t0
-    return cfg, first, first_s, second, second_s
+    return {"cfg": cfg, "console": console, "bad": bad1 | bad2, "first_s": first_s, "second_s": second_s,
+            "first": first, "second": second}
+
+
+def test_real_command_listens_only_on_loopback(quick_run):
+    assert not quick_run["bad"], "non-loopback listeners: " + "; ".join(sorted(quick_run["bad"]))
+
+
+def test_console_is_short_and_names_every_stage(quick_run):
+    lines = quick_run["console"].splitlines()
+    for st in PIPELINE_ORDER:
+        assert any(ln.startswith(f"[slim-ray] {st}: done in") for ln in lines), (st, lines[-40:])
+    assert not any("Reporting training result" in ln for ln in lines)
+    assert len(lines) < 250, f"{len(lines)} console lines; first 60:\n" + "\n".join(lines[:60])
 
 
 def test_every_stage_ran_then_rerun_skips_all(quick_run):
-    cfg, first, first_s, second, second_s = quick_run
-    assert [r["stage"] for r in first] == PIPELINE_ORDER
-    assert not any(r["skipped"] for r in first)
+    cfg = quick_run["cfg"]
+    first, second = quick_run["first"], quick_run["second"]
+    assert [r["stage"] for r in first] == [r["stage"] for r in second] == PIPELINE_ORDER
+    assert not any(r["skipped"] for r in first) and all(r["status"] == "complete" for r in first)
     assert all(r["skipped"] for r in second), [r["stage"] for r in second if not r["skipped"]]
-    assert second_s < first_s / 5
+    assert quick_run["second_s"] < quick_run["first_s"] / 5
     for st in PIPELINE_ORDER:
         from slim_ray.stages import STAGES
 
@@ -52,7 +138,7 @@ def test_every_stage_ran_then_rerun_skips_all(quick_run):
 
 
 def test_contracts_and_leakage_guard(quick_run):
-    cfg = quick_run[0]
+    cfg = quick_run["cfg"]
     lay = cfg.layout
     items = io.read_items(lay.items)
     seqs = io.read_sequences(lay.sequences)
@@ -90,7 +176,7 @@ def test_contracts_and_leakage_guard(quick_run):
 
 
 def test_every_variant_beats_random_and_report_written(quick_run):
-    cfg = quick_run[0]
+    cfg = quick_run["cfg"]
     metrics = json.load(open(os.path.join(cfg.layout.eval, "metrics.json")))
     rnd = metrics["random"]["sampled"]["ndcg@10"]
     variants = {(bb, v) for bb, vs in metrics["results"].items() for v in vs}
