@@ -209,7 +209,8 @@ class RecommenderDeployment:
         return self.rec.version
 
     def stats(self) -> dict:
-        return {"batches": self.n_batches, "requests": self.n_requests, "max_batch": self.max_batch}
+        return {"batches": self.n_batches, "requests": self.n_requests, "max_batch": self.max_batch,
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     def info(self) -> dict:
         rec = self.rec
