@@ -47,7 +47,10 @@ def make_run(src_run: str, n: int, dst: str) -> None:
 def overrides(run: str, a) -> list[str]:
     return [f"run_dir={run}", f"teacher.model={a.model}", "teacher.num_users=null", f"teacher.max_new_tokens={a.tokens}",
             f"teacher.min_new_tokens={a.tokens}", "teacher.temperature=0", f"teacher.batch_size={BATCH}",
-            f"teacher.prompt_token_budget={a.budget}", "ray.num_cpus=2", "ray.include_dashboard=false"]
+            f"teacher.prompt_token_budget={a.budget}", "ray.num_cpus=2", "ray.include_dashboard=false",
+            # one part per batch (the default is 100k-row parts), so "after the first part" means
+            # "after the first batch" as in (a) and (b)
+            f"teacher.rows_per_file={BATCH}"]
 
 
 def loop(a, run: str) -> dict:
@@ -79,6 +82,7 @@ def loop(a, run: str) -> dict:
 
 def job(a, run: str, engine: str) -> dict:
     """(c)/(d): the slim_ray stage end to end (in this process; for vllm run by .venv-vllm)."""
+    from slim_ray import storage
     from slim_ray.config import load_config
     from slim_ray.generate.stage import run_teach
 
@@ -90,7 +94,7 @@ def job(a, run: str, engine: str) -> dict:
         # 2 logical CPUs the engine's 2-CPU placement group would never be placed
         "ray.num_cpus=3"]
     cfg = load_config(None, overrides(run, a) + [f"teacher.engine={engine}"] + extra)
-    shutil.rmtree(cfg.layout.rationales("teacher"), ignore_errors=True)
+    storage.delete_dir(cfg.layout.rationales("teacher"))
     t0 = time.time()
     s = run_teach(cfg)
     dt = time.time() - t0

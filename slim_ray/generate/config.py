@@ -29,8 +29,9 @@ class GenerateConfig(StageConfig):
     engine: Literal["hf", "vllm", "openai"] = Field(
         "hf",
         description="hf: transformers generate in a Ray Data actor pool; vllm: ray.data.llm with "
-        "vLLMEngineProcessorConfig (GPU default; on CPU run from .venv-vllm); openai: ray.data.llm "
-        "HttpRequestProcessorConfig against an OpenAI-compatible /v1/chat/completions.",
+        "vLLMEngineProcessorConfig (GPU default; on CPU run from .venv-vllm); openai: HTTP "
+        "requests from a Ray Data actor pool to an OpenAI-compatible /v1/chat/completions (per-row "
+        "errors after retries).",
     )
     num_users: Optional[int] = Field(
         200, ge=1, description="Seeded sample size (a prefix of one seeded permutation, so a larger N "

@@ -8,6 +8,7 @@ from gen_data import MOVIES, items_table
 from slim_ray.prompts import (
     PromptBuilder,
     build_student_prompt,
+    cut_length,
     format_messages,
     load_template,
     parse_answer,
@@ -98,3 +99,46 @@ def test_parser_splits_steps_and_flags():
     assert echo.steps_found == 1 and echo.seen_items == []  # restating the history is not recommending
     none = parse_answer("I recommend Casablanca.", hist)
     assert none.steps_found == 0 and none.seen_items == []
+
+
+# c for L = 1..12 with the defaults (tail fraction 0.2, at least 3 targets after the cut), by hand:
+# L=1..4 -> 1 (too short for a tail of 3: one item kept); L=5 -> min(2, 4) = 2; L=6 -> min(3, 4) = 3;
+# L=8 -> min(5, 6) = 5; L=10 -> min(7, 8) = 7; L=12 -> min(9, 9) = 9
+CONSISTENT_C = {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 3, 7: 4, 8: 5, 9: 6, 10: 7, 11: 8, 12: 9}
+
+
+@pytest.mark.parametrize("n_train", sorted(CONSISTENT_C))
+def test_consistent_cut_shows_only_the_first_c_items(n_train):
+    # n_train training items (ids 1..n_train, distinct titles), then the valid and test targets
+    seq = list(range(1, n_train + 1)) + [11, 12]
+    pb = PromptBuilder(items_table(), role="teacher", item_noun="movies", category_label="genres",
+                       max_items=50, token_budget=None, cut="consistent", tail_fraction=0.2, min_tail=3)
+    built = pb.build(seq)
+    c = CONSISTENT_C[n_train]
+    assert built.prefix_len == c == len(training_prefix(seq, "consistent", 0.2, 3)), (n_train, built.prefix_len)
+    assert built.prefix_len <= len(seq) - 2  # the leakage guard still holds
+    user = built.messages[-1]["content"]
+    shown = [MOVIES[i - 1][0] for i in seq[:c]]
+    hidden = [MOVIES[i - 1][0] for i in seq[c:]]
+    assert all(t in user for t in shown), (c, user)
+    assert not any(t in user for t in hidden), (c, hidden, user)
+    assert built.n_shown == c and built.history_titles == [f"{t}" for t in shown]
+    if n_train >= 3 + 2:  # long enough: at least min_tail training targets after the cut
+        assert n_train - c >= 3
+
+
+@pytest.mark.parametrize("n_train", [1, 4, 7, 10])
+def test_full_prefix_cut_keeps_the_whole_training_prefix(n_train):
+    seq = list(range(1, n_train + 1)) + [11, 12]
+    pb = PromptBuilder(items_table(), role="student", token_budget=None, cut="full_prefix")
+    built = pb.build(seq)
+    assert built.prefix_len == n_train == len(training_prefix(seq))
+    assert MOVIES[10][0] not in built.prompt and MOVIES[11][0] not in built.prompt  # valid/test never
+
+
+def test_cut_edge_cases():
+    assert cut_length(0, "consistent") == 0 and training_prefix([1, 2], "consistent") == []
+    assert cut_length(100, "consistent", 0.2, 3) == 80 and cut_length(100, "consistent", 0.0, 3) == 97
+    assert cut_length(10, "consistent", 0.5, 0) == 5 and cut_length(10, "consistent", 0.0, 0) == 10
+    with pytest.raises(ValueError, match="unknown rationale cut"):
+        PromptBuilder(items_table(), cut="nope")
