@@ -74,7 +74,7 @@ def build_app(cfg, checkpoint: Optional[str] = None):
         # only the key's SHA-256 reaches Serve (and its stored config)
         "api_key_sha256": key_digest(os.environ.get(s.api_key_env) or None),
     }
-    return _pinned(Ingress, s.ingress_scaling, cfg, settings).bind(recommender, encoder, reasoner, settings)
+    return _pinned(Ingress, s.ingress_scaling, cfg).options(user_config=settings).bind(recommender, encoder, reasoner)
 
 
 def app_builder(args: dict[str, Any]):
@@ -96,9 +96,20 @@ def start(cfg) -> str:
     init_ray(cfg.ray)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False,
-              logging_config={"log_level": s.log_level})
+    deploy(cfg)
     return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def deploy(cfg, checkpoint: Optional[str] = None) -> None:
+    """Deploy the graph in the running Serve, or update it in place: a deployment whose replicas
+    are built from the same arguments keeps its replicas, and only what changed in its
+    ``user_config`` is applied (``reconfigure``): the recommender's checkpoint, the ingress's
+    limits, timeouts and API key."""
+    from ray import serve
+
+    s = cfg.serve
+    serve.run(build_app(cfg, checkpoint), name=s.app_name, route_prefix=s.route_prefix, blocking=False,
+              logging_config={"log_level": s.log_level})
 
 
 def swap(cfg, checkpoint: str) -> None:
@@ -106,11 +117,7 @@ def swap(cfg, checkpoint: str) -> None:
     URI) without dropping requests: the same graph is deployed again with only the recommender's
     ``user_config`` changed, so Serve calls ``reconfigure`` on the running replicas (each loads the
     new model beside the old one and switches when it is ready)."""
-    from ray import serve
-
-    s = cfg.serve
-    serve.run(build_app(cfg, checkpoint), name=s.app_name, route_prefix=s.route_prefix, blocking=False,
-              logging_config={"log_level": s.log_level})
+    deploy(cfg, checkpoint)
 
 
 def stop(cfg) -> None:

@@ -376,12 +376,18 @@ _BODY_SCHEMA = {"requestBody": {"required": True, "content": {"application/json"
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, recommender, encoder, reasoner, settings: dict):
+    """HTTP in front of the graph. Its limits, timeouts and key digest are its ``user_config``
+    (``reconfigure``), so they change on a redeploy without restarting it."""
+
+    def __init__(self, recommender, encoder, reasoner, settings: Optional[dict] = None):
         self.recommender = recommender
         self.encoder = encoder
         self.reasoner = reasoner
-        self.settings = settings
+        self.settings = settings or {}
         self._student_version: Optional[dict] = None
+
+    def reconfigure(self, settings: dict) -> None:
+        self.settings = dict(settings)
 
     # --- guards -------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ def server(ray_session, tmp_path_factory):
     cfg = load_config(None, [
         f"run_dir={run}", f"serve.port={_free_port()}", "serve.app_name=slim-test", "serve.log_level=WARNING",
         "serve.reasoner_max_new_tokens=24", "serve.batch_wait_timeout_s=0.05", "serve.max_batch_size=8",
-        "serve.reasoner_batch_wait_timeout_s=0.5", "serve.reasoner_timeout_s=120",
+        "serve.reasoner_batch_wait_timeout_s=0.5", "serve.reasoner_timeout_s=120", "serve.health_check_period_s=2",
         f"serve.api_key_env={KEY_ENV}", *[f"serve.{k}={v}" for k, v in LIMITS.items()],
         "rec.missing_rationale=learned", "rec.hidden=16", "rec.params={num_layers: 1, inner: 32}", "rec.max_len=8",
     ])
@@ -49,12 +49,12 @@ def server(ray_session, tmp_path_factory):
     os.environ[KEY_ENV] = API_KEY  # read where the graph is built; only its hash reaches Serve
     try:
         url = start(cfg)
+        client = httpx.Client(base_url=url, timeout=120, headers={"x-api-key": API_KEY})
+        yield cfg, client
+        client.close()
     finally:
         del os.environ[KEY_ENV]
-    client = httpx.Client(base_url=url, timeout=120, headers={"x-api-key": API_KEY})
-    yield cfg, client
-    client.close()
-    stop(cfg)
+        stop(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +301,51 @@ def test_checkpoint_swap_under_load_drops_no_request(server):
     # the other deployments were not restarted: the encoder still holds its counters
     assert _stats(cfg, "EncoderDeployment")["texts"] >= encoded > 0
     assert _stats(cfg, "RecommenderDeployment")["replica"] == replica  # reconfigured in place
+    assert httpx.get(f"{client.base_url}/v1/version").status_code == 401  # the key still holds
+
+
+def test_deadlines_timeouts_and_a_dead_replica_give_no_500(server):
+    """The ingress's settings change in place (user_config): a student deadline too short falls
+    back to the learned no-rationale vector; a downstream timeout is a 503 with Retry-After; a
+    killed recommender replica gives 200 or 503, never 500, and comes back."""
+    import ray
+    from ray import serve
+
+    from slim_ray.serve.app import deploy
+
+    cfg, client = server
+    current = client.get("/v1/version").json()["recommender"]["checkpoint"]
+
+    def with_serve(**kw):
+        return cfg.model_copy(update={"serve": cfg.serve.model_copy(update=kw)})
+
+    try:
+        deploy(with_serve(reasoner_timeout_s=0.001), current)
+        body = client.post("/v1/recommend", json={"history": [3, 8], "k": 3, "explain": True}).json()
+        assert body["path"] == "no-rationale" and body["fallback"] == "reasoner-deadline" and body["rationale"] is None
+        assert len(body["items"]) == 3
+
+        deploy(with_serve(request_timeout_s=0.0001), current)
+        r = client.post("/v1/recommend", json={"user_id": 1})
+        assert r.status_code == 503 and r.headers["retry-after"] == str(cfg.serve.retry_after_s)
+        assert "RecommenderDeployment" in r.json()["detail"]
+    finally:
+        deploy(cfg, current)
+    assert client.post("/v1/recommend", json={"user_id": 1}).status_code == 200
+
+    replica = _stats(cfg, "RecommenderDeployment")["replica"]
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if replica in a["name"] and "RecommenderDeployment" in a["name"])
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    codes = []
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        r = client.post("/v1/recommend", json={"user_id": 1, "k": 2})
+        codes.append(r.status_code)
+        if r.status_code == 503:
+            assert r.headers.get("retry-after")
+        if r.status_code == 200 and _stats(cfg, "RecommenderDeployment")["replica"] != replica:
+            break
+        time.sleep(0.1)
+    assert set(codes) <= {200, 503} and codes[-1] == 200, codes
+    assert client.get("/healthz").json()["ready"]
