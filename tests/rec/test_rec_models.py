@@ -1,5 +1,7 @@
 """Leave-one-out arrays, configs, and every backbone x mode: one epoch learns, shapes hold."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,25 +134,45 @@ def test_one_epoch_smoke_every_backbone_and_mode(tiny_run, backbone, mode):
     assert (model.item_id is None) == (mode == "text")  # ID-agnostic mode has no ID table
 
 
-def test_bce_loss_and_text_mode_scores_unseen_items_and_users(tiny_run):
-    model, data, spec, _ = _model("sasrec", "text", tiny_run, loss="bce")
-    seq = torch.tensor([[1, 2, 3, 0]])
-    negs = torch.randint(1, 26, (1, 4, 2))
-    assert float(model(seq, torch.tensor([3]), torch.tensor([1]), torch.tensor([[2, 3, 4, 0]]), negs, norm=3).detach()) > 0
-    # A new item and a new user are scored from their text vectors alone.
+def test_bce_loss_matches_a_hand_computation(tiny_run):
+    model, *_ = _model("sasrec", "text", tiny_run, loss="bce")
+    model.eval()  # no dropout: the forward pass is deterministic
+    seq, lens, users = torch.tensor([[1, 2, 3, 0]]), torch.tensor([3]), torch.tensor([1])
+    targets = torch.tensor([[2, 3, 4, 0]])
+    negs = torch.tensor([[[7, 9], [11, 5], [20, 1], [1, 1]]])
     with torch.no_grad():
-        new_item = model.g_l(torch.randn(1, 8))
-        model.user_text = torch.cat([model.user_text, torch.randn(1, 8)])
-        model.user_has_text = torch.cat([model.user_has_text, torch.tensor([True])])
-        uv = model.last_user_vectors(seq, torch.tensor([3]), torch.tensor([41]), model.item_table())
-    assert torch.isfinite(uv @ new_item.T).all()
+        loss = float(model(seq, lens, users, targets, negs, norm=3))
+        table = model.item_table().double()
+        h = model.user_vectors(seq, lens, users, model.item_table()).double()[0]
+    expected = 0.0
+    for p in range(3):  # positions with a target; log(1 + e^x) is softplus
+        expected += math.log1p(math.exp(-float(h[p] @ table[targets[0, p]])))
+        for n in negs[0, p].tolist():
+            expected += math.log1p(math.exp(float(h[p] @ table[n])))
+    assert loss == pytest.approx(expected / 3, rel=1e-4)
+
+
+def test_text_mode_scores_unseen_items_and_users_from_their_text(tiny_run):
+    """ID-agnostic: a new item with item 5's text scores exactly as item 5, with other text it does
+    not; a new user with user 1's rationale and history gets user 1's vector."""
+    model, *_ = _model("sasrec", "text", tiny_run)
     model.eval()
-    with torch.no_grad():  # ... or with a rationale vector passed in directly (serving)
-        r = torch.randn(1, 8)
-        uv2 = model.last_user_vectors(seq, torch.tensor([3]), None, model.item_table(), rationale=r)
-        model.user_text[41] = r[0]
-        uv3 = model.last_user_vectors(seq, torch.tensor([3]), torch.tensor([41]), model.item_table())
-    assert torch.allclose(uv2, uv3)
+    seq, lens = torch.tensor([[1, 2, 3, 0]]), torch.tensor([3])
+    with torch.no_grad():
+        table = model.item_table()
+        uv = model.last_user_vectors(seq, lens, torch.tensor([1]), table)
+        same_as_5 = model.g_l(model.item_text[5])
+        other = model.g_l(torch.randn(8))
+        assert float(uv[0] @ same_as_5) == pytest.approx(float(uv[0] @ table[5]), rel=1e-5)
+        assert abs(float(uv[0] @ other) - float(uv[0] @ table[5])) > 1e-3
+        model.user_text = torch.cat([model.user_text, model.user_text[1:2]])
+        model.user_has_text = torch.cat([model.user_has_text, torch.tensor([True])])
+        new_user = model.last_user_vectors(seq, lens, torch.tensor([41]), table)
+        # ... or with the rationale vector passed in directly (serving)
+        passed = model.last_user_vectors(seq, lens, None, table, rationale=model.user_text[1:2])
+        changed = model.last_user_vectors(seq, lens, None, table, rationale=torch.randn(1, 8))
+    assert torch.allclose(new_user, uv, atol=1e-6) and torch.allclose(passed, uv, atol=1e-6)
+    assert (changed - uv).abs().max() > 1e-3
 
 
 def test_missing_rationales_error_names_count_and_ids(tiny_run):
