@@ -183,3 +183,21 @@ def test_missing_rationales_error_names_count_and_ids(tiny_run):
     # the consistent protocol always learns the vector fused before a rationale's cut
     model, *_ = _model("gru4rec", "slim:teacher", tiny_run, missing="zeros")
     assert model.no_rationale is not None and model.no_rationale.shape == (8,)
+
+
+def test_user_table_leaves_the_module_and_batches_carry_it_with_equal_results(tiny_run):
+    """What DDP would broadcast (the module's buffers) holds no per-user table once it is popped,
+    and passing each batch's rationale rows gives the loss the table gave."""
+    model, data, spec, _ = _model("sasrec", "slim:teacher", tiny_run, missing="learned")
+    model.eval()
+    seq, lens, users = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]), torch.tensor([3, 2]), torch.tensor([2, 35])
+    targets = torch.tensor([[2, 3, 4, 0], [5, 6, 0, 0]])
+    with torch.no_grad():
+        from_table = float(model(seq, lens, users, targets, norm=5))
+    text, has = model.pop_user_table()
+    assert "user_text" not in dict(model.named_buffers()) and "user_has_text" not in dict(model.named_buffers())
+    assert not has[35] and has[2]  # user 35 falls back to the learned vector in both paths
+    with torch.no_grad():
+        from_batch = float(model(seq, lens, users, targets, norm=5, rationale=text[users], has_rationale=has[users]))
+        other = float(model(seq, lens, users, targets, norm=5, rationale=text[users] + 1, has_rationale=has[users]))
+    assert from_batch == pytest.approx(from_table, rel=1e-6) and abs(other - from_table) > 1e-4
