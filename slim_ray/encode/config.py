@@ -46,6 +46,11 @@ class EncodeConfig(StageConfig):
         default_factory=lambda: ["teacher", "student"],
         description="Whose rationales to embed as user vectors (a missing rationales folder is skipped).",
     )
+    forward_passes_per_batch: int = Field(
+        16, ge=1, description="Forward passes per Ray Data batch sent to an encoder actor; the "
+        "encoder sorts a batch by text length, so a larger batch means less padding.",
+    )
     rows_per_file: int = Field(
-        4096, ge=1, description="Rows per Parquet part written; parts are written as results stream in."
+        50_000, ge=1, description="Target rows per Parquet part (about 75 MiB of 384-d float32 "
+        "vectors); parts are written by Ray Data tasks as results stream in.",
     )

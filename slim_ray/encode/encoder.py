@@ -132,8 +132,8 @@ def _folder_digest(path: str) -> str:
 
 class EncoderActor:
     """Ray Data callable class: pyarrow batch with a ``text`` column -> the same batch without
-    ``text``, plus ``vector`` (fixed_size_list<float32>) and ``encode_s`` (each row's share of the
-    encoder time)."""
+    ``text``, plus ``vector`` (fixed_size_list<float32>), ``encode_s`` (each row's share of the
+    encoder time) and ``node_id`` (the Ray node the actor runs on, for the stage summary)."""
 
     def __init__(self, path: str, batch_size: int, dtype: str, normalize: bool, device: str,
                  max_seq_length: Optional[int]):
@@ -141,6 +141,9 @@ class EncoderActor:
                        device=pick_device(device), max_seq_length=max_seq_length)
         self.path = path
         load_encoder(path, self.kw["device"], dtype, max_seq_length)  # load before the first batch
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: Any):
         import pyarrow as pa
@@ -151,4 +154,6 @@ class EncoderActor:
         vector = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)
         # each row's share of the batch's encoder time: their sum is the pure encode time
         share = pa.array([(time.perf_counter() - t0) / max(1, len(vecs))] * len(vecs), pa.float64())
-        return batch.drop_columns(["text"]).append_column("vector", vector).append_column("encode_s", share)
+        node = pa.array([self.node_id] * len(vecs), pa.string())
+        return (batch.drop_columns(["text"]).append_column("vector", vector).append_column("encode_s", share)
+                .append_column("node_id", node))

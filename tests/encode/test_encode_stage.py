@@ -93,6 +93,11 @@ def test_run_encode_contract_resume_and_dedup(ray_session, run_cfg):
     assert not os.path.exists(lay.user_embeddings("student"))
     assert res["encoder"] == "sentence-transformers/all-MiniLM-L6-v2" and res["dtype"] == "bfloat16"
     assert res["job"]["rows"] == 7 and res["job"]["dim"] == 384  # items + rationales: one actor pool
+    import ray
+
+    assert res["node_ids"] == [ray.get_runtime_context().get_node_id()]  # one local node did the work
+    # rows_per_file=3: 5 items -> parts of 3 + 2 rows at most (Ray Data may cut smaller batches)
+    assert res["outputs"]["items"]["parts_written"] >= 2
 
     # Contract: types, dims, kinds, one row per id, parts streamed (rows_per_file=3 -> >1 part).
     items = read_table(lay.item_embeddings)
@@ -124,33 +129,44 @@ def test_run_encode_contract_resume_and_dedup(ray_session, run_cfg):
     texts[7] = "Babe (1995). Genres: Children's, Comedy, Drama."
     os.remove(os.path.join(lay.items, "part-0.parquet"))
     pq.write_table(_items_table(texts), os.path.join(lay.items, "part-1.parquet"))
-    # A duplicated part (as left by a crash during compaction) is deduplicated, not re-encoded.
-    dup = store.part_files(lay.item_embeddings)[0]
-    shutil.copy(dup, dup.replace(".parquet", "-copy.parquet"))
+    # A duplicated part (as left by a crash during compaction) is deduplicated, not re-encoded;
+    # a truncated part (a killed local writer) is deleted and its rows encoded again.
+    parts = store.part_files(lay.item_embeddings)
+    n_in_first = pq.ParquetFile(parts[0]).metadata.num_rows
+    shutil.copy(parts[0], parts[0].replace(".parquet", "-copy.parquet"))
+    with open(parts[-1], "rb") as f:
+        head = f.read(100)
+    lost = set(pq.read_table(parts[-1]).column("id").to_pylist()) - {5}  # id 5's text changed anyway
+    with open(parts[-1], "wb") as f:
+        f.write(head)
     res = run_encode(run_cfg)
-    assert res["outputs"]["items"]["encoded"] == 3 and res["outputs"]["items"]["reused"] == 4
+    out = res["outputs"]["items"]
+    assert out["unreadable_parts"] == [parts[-1]]
+    assert out["encoded"] == 3 + len(lost) and out["reused"] == 4 - len(lost)
+    assert out["dropped_rows"] >= n_in_first  # the copy's rows (and the stale row of id 5)
     ids, vecs = store.load_embeddings(lay.item_embeddings)  # raises on duplicate ids
     assert ids.tolist() == [1, 2, 3, 4, 5, 6, 7]
     new5 = encode_texts([texts[5]], dtype="bfloat16")[0]
     assert float(new5 @ vecs[4]) > 0.999
 
 
-def test_encoder_change_reencodes_and_missing_inputs(tmp_path, run_cfg):
-    from slim_ray.encode.stage import item_inputs, rationale_inputs
+def test_encoder_change_reencodes_and_missing_inputs(ray_session, tmp_path, run_cfg):
+    from slim_ray.encode.stage import EncodeInputError, item_inputs, rationale_inputs, run_encode
 
     # Missing items: a clear error naming the path. Missing rationales: None (skipped by the stage).
     with pytest.raises(FileNotFoundError, match="items not found"):
         item_inputs(str(tmp_path / "nope" / "items"))
     assert rationale_inputs(str(tmp_path / "nope")) is None
 
-    # An item without text is named.
+    # An item without text is named (one line, raised out of the Ray Data job).
     bad = _items_table(ITEM_TEXTS).to_pylist()
     bad[2]["text"] = "  "
-    path = tmp_path / "bad_items"
-    path.mkdir()
-    pq.write_table(pa.Table.from_pylist(bad, schema=ITEMS_SCHEMA), path / "x.parquet")
-    with pytest.raises(ValueError, match=r"item_id \[3\]"):
-        item_inputs(str(path))
+    lay = run_cfg.layout
+    os.remove(os.path.join(lay.items, "part-0.parquet"))
+    pq.write_table(pa.Table.from_pylist(bad, schema=ITEMS_SCHEMA), os.path.join(lay.items, "x.parquet"))
+    with pytest.raises(EncodeInputError, match=r"items: column 'text' is empty for item_id \[3\]") as e:
+        run_encode(run_cfg)
+    assert "item_id [3]" in str(e.value) and "\n" not in str(e.value)
 
     # Resume keys depend on the encoder settings: a dtype change asks for new keys for every row.
     from slim_ray.encode.encoder import EncoderSpec
