@@ -99,6 +99,15 @@ class DistillConfig(StageConfig):
     sample_max_new_tokens: int = Field(160, ge=1, description="Generation length of those samples.")
     export_merged: bool = Field(True, description="Also write the merged model (LoRA folded in).")
 
+    def lora_config(self):
+        """The PEFT ``LoraConfig`` of this run: the one place it is built (training and export)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type="CAUSAL_LM", r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules),
+        )
+
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
         if self.offload_params and self.zero_stage != 3:

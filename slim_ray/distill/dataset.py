@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -24,8 +23,6 @@ import numpy as np
 
 IGNORE_INDEX = -100
 MIN_TARGET_TOKENS = 8
-FALLBACK_PROMPT_VERSION = "distill-fallback-v1"
-MAX_HISTORY = 20
 
 
 @dataclass
@@ -61,18 +58,6 @@ class DistillData:
 Messages = list  # [{"role": ..., "content": ...}, ...]
 
 
-def _fallback_student_messages(history: Sequence[dict]) -> Messages:
-    """p' when ``slim_ray.prompts`` is unavailable: recent history, no step-by-step scaffold."""
-    lines = []
-    for it in list(history)[::-1][:MAX_HISTORY]:
-        title = it.get("title") or f"item {it.get('item_id')}"
-        year = f" ({it['year']})" if it.get("year") else ""
-        cats = ", ".join(it.get("categories") or [])
-        lines.append(f"- {title}{year}" + (f" [{cats}]" if cats else ""))
-    return [{"role": "user", "content": "The user's items, most recent first:\n" + "\n".join(lines)
-             + "\nStep 1: preferences. Step 2: categories. Step 3: items to recommend."}]
-
-
 def student_prompt_builder(cfg=None, items=None, tokenizer_path: Optional[str] = None):
     """(history_items -> p' chat messages, prompt version).
 
@@ -80,10 +65,8 @@ def student_prompt_builder(cfg=None, items=None, tokenizer_path: Optional[str] =
     (``slim_ray.generate.stage.prompt_builder``: template, history length, token budget), so the
     student is trained on the prompts it will answer. Without one: the packaged student template.
     """
-    try:
-        from slim_ray.prompts import DEFAULT_TEMPLATE, build_messages, load_template, student_messages
-    except ImportError:
-        return _fallback_student_messages, FALLBACK_PROMPT_VERSION
+    from slim_ray.prompts import DEFAULT_TEMPLATE, build_messages, load_template, student_messages
+
     if cfg is not None:
         from slim_ray.generate.stage import prompt_builder
 
@@ -93,37 +76,21 @@ def student_prompt_builder(cfg=None, items=None, tokenizer_path: Optional[str] =
 
 
 def format_prompt(messages: Messages) -> str:
-    try:
-        from slim_ray.prompts import format_messages
+    from slim_ray.prompts import format_messages
 
-        return format_messages(messages)
-    except ImportError:
-        return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+    return format_messages(messages)
 
 
 # --------------------------------------------------------------------------- filters
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
-
-
 def names_seen_item(step3: Optional[str], history: Sequence[dict], min_chars: int = 4) -> bool:
     """True when step 3 mentions the title of an item the user already has in the history."""
+    from slim_ray.prompts import seen_titles  # the rule the generation stage reports too
+
     if not step3:
         return False
-    try:  # the same rule the generation stage reports ("recommends already-seen items")
-        from slim_ray.prompts import seen_titles
-
-        return bool(seen_titles(step3, [it.get("title") or "" for it in history], min_chars))
-    except ImportError:
-        pass
-    text = f" {_norm(step3)} "
-    for it in history:
-        t = _norm(it.get("title") or "")
-        if len(t) >= min_chars and f" {t} " in text:
-            return True
-    return False
+    return bool(seen_titles(step3, [it.get("title") or "" for it in history], min_chars))
 
 
 # --------------------------------------------------------------------------- building

@@ -59,35 +59,9 @@ def generate_samples(
     # count the "Step" tokens of p' against the answer, see slim_ray.config.STUDENT_DEFAULTS).
     sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0,
                 "repetition_penalty": repetition_penalty}
-    try:
-        from slim_ray.generate.engines import HFEngine
-    except ImportError:  # the generation stage is not installed: plain transformers
-        return _generate_plain(model_dir, examples, sampling, dtype)
+    from slim_ray.generate.engines import HFEngine
+
     engine = HFEngine(model_dir, sampling, dtype=dtype)
     outs = engine.generate([list(ex.messages) for ex in examples])
     return [{"user_id": ex.user_id, "prompt": ex.prompt, "teacher": ex.teacher_text, "student": text,
              "n_output_tokens": n_out} for ex, (text, _, n_out) in zip(examples, outs)]
-
-
-def _generate_plain(model_dir: str, examples: Sequence, sampling: dict, dtype: str) -> list[dict[str, Any]]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slim_ray.distill.dataset import chat_prompt_text
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    out = []
-    for ex in examples:
-        enc = tok(chat_prompt_text(tok, ex.messages), return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(
-                **enc, max_new_tokens=sampling["max_new_tokens"], do_sample=False,
-                repetition_penalty=sampling["repetition_penalty"],
-                pad_token_id=tok.pad_token_id or tok.eos_token_id,
-            )
-        new = gen[0, enc["input_ids"].shape[1]:]
-        out.append({"user_id": ex.user_id, "prompt": ex.prompt, "teacher": ex.teacher_text,
-                    "student": tok.decode(new, skip_special_tokens=True).strip(),
-                    "n_output_tokens": int(new.numel())})
-    return out

@@ -1,9 +1,14 @@
 """``slim-ray distill``: teacher rationales -> fine-tuned student (adapter + merged export).
 
-Steps: build the (p' -> rationale) pairs on the driver (``dataset``), ship them to a Ray Train
-``TorchTrainer`` (``train``: DeepSpeed ZeRO or DDP, LoRA or full), export the final checkpoint
-(``export``), generate a few held-out rationales beside the teacher's (``evaluate``), and write
-``eval.json`` + ``samples.jsonl`` next to the export.
+Steps: build the (p' -> rationale) pairs in a Ray task (``dataset``; the driver gets counts and
+the few held-out pairs it samples, the pairs go to the workers through the object store), train
+with a Ray Train ``TorchTrainer`` (``train``: DeepSpeed ZeRO or DDP, LoRA or full), export the
+final checkpoint (``export``), generate a few held-out rationales beside the teacher's
+(``evaluate``), and write ``eval.json`` + ``samples.jsonl`` next to the export.
+
+Everything lands in the run folder through ``slim_ray.storage``, so ``run_dir`` may be a URI:
+Ray Train's storage is ``<run_dir>/distill/ray`` (``RunConfig(storage_path, storage_filesystem)``
+from the same resolution), the exports are written locally and copied up.
 
 A rerun with the same config and data resumes the same Ray Train run (its name is derived from
 both) from its latest checkpoint.
@@ -15,14 +20,13 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
+from slim_ray import storage
+
 logger = logging.getLogger(__name__)
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def run_name_for(cfg, data_hash: str) -> str:
@@ -35,13 +39,32 @@ def run_name_for(cfg, data_hash: str) -> str:
     return f"distill-{h[:12]}"
 
 
+def _build_data(cfg, tokenizer_path: str, num_samples: int):
+    """Ray task: the distillation pairs. Returns (small info for the driver, {"train", "eval"})."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from slim_ray.distill.dataset import load_dataset
+
+    data = load_dataset(cfg, AutoTokenizer.from_pretrained(tokenizer_path), tokenizer_path)
+    info = {"stats": data.stats, "data_hash": data.data_hash, "prompt_version": data.prompt_version,
+            "samples": data.eval[:num_samples], "node_id": ray.get_runtime_context().get_node_id()}
+    return info, {"train": data.train, "eval": data.eval}
+
+
+def _forget_previous_run(out_dir: str) -> None:
+    """Drop an earlier run's manifest before its exports are replaced (see slim_ray.lineage)."""
+    from slim_ray.lineage import MANIFEST
+
+    storage.delete_file(storage.join(out_dir, MANIFEST))
+
+
 def run_distill(cfg) -> dict[str, Any]:
     """Train, export and evaluate the student. Returns the stage summary (with a manifest part)."""
     import ray
     from transformers import AutoTokenizer
 
     from slim_ray.assets import hash_folder, model_id, resolve_llm
-    from slim_ray.distill.dataset import load_dataset
     from slim_ray.distill.evaluate import generate_samples, perplexity
     from slim_ray.distill.export import export_student
     from slim_ray.distill.train import build_trainer
@@ -51,64 +74,64 @@ def run_distill(cfg) -> dict[str, Any]:
     t0 = time.time()
     base_path = resolve_llm(d.base_model, cfg.cache_dir)
     tok = AutoTokenizer.from_pretrained(base_path)
-    data = load_dataset(cfg, tok, base_path)
-    logger.warning("[distill] %d train / %d held-out pairs (%s)", len(data.train), len(data.eval),
-                   {k: v for k, v in data.stats.items() if v})
-
     init_ray(cfg.ray)
-    run_name = run_name_for(cfg, data.data_hash)
-    out_dir = lay.distill if _is_uri(lay.distill) else os.path.abspath(lay.distill)
-    storage = d.storage_path or os.path.join(out_dir, "ray")
-    step_log = None if _is_uri(out_dir) else os.path.join(out_dir, "logs", f"{run_name}.jsonl")
+    info_ref, data_ref = ray.remote(num_returns=2)(_build_data).remote(cfg, base_path, d.num_samples)
+    info = ray.get(info_ref)
+    stats = info["stats"]
+    logger.warning("[distill] %d train / %d held-out pairs (%s)", stats["train"], stats["eval"],
+                   {k: v for k, v in stats.items() if v})
+
+    run_name = run_name_for(cfg, info["data_hash"])
+    out_dir = storage.normalize(lay.distill)
+    train_storage = storage.normalize(d.storage_path or storage.join(out_dir, "ray"))
+    fs, fs_path = storage.resolve(train_storage)
+    step_log = os.path.join(out_dir, "logs", f"{run_name}.jsonl") if storage.is_local(out_dir) else None
     trainer = build_trainer(
-        d, seed=cfg.seed, data_ref=ray.put({"train": data.train, "eval": data.eval}),
+        d, seed=cfg.seed, data_ref=data_ref,
         pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        storage_path=storage, run_name=run_name, ray_cfg=cfg.ray, cache_dir=cfg.cache_dir,
-        step_log=step_log,
+        storage_path=fs_path, storage_filesystem=fs, run_name=run_name, ray_cfg=cfg.ray,
+        cache_dir=cfg.cache_dir, step_log=step_log,
     )
     t_train = time.time()
     result = trainer.fit()
     train_wall = time.time() - t_train
     if result.checkpoint is None:
-        raise RuntimeError(f"distill run {run_name} finished without a checkpoint ({storage})")
+        raise RuntimeError(f"distill run {run_name} finished without a checkpoint ({train_storage})")
     m = dict(result.metrics or {})
 
-    t_export = time.time()
-    with result.checkpoint.as_directory() as cdir:
-        exported = export_student(
-            cdir, base_path, d, lay.student_adapter if d.method == "lora" else "",
-            lay.student_merged if (d.export_merged or d.method == "full") else "",
-        )
-    export_s = time.time() - t_export
-
-    samples = []
-    if d.num_samples and exported.get("merged"):
-        samples = generate_samples(exported["merged"], data.eval[: d.num_samples], d.sample_max_new_tokens,
-                                   repetition_penalty=cfg.student.repetition_penalty)
+    _forget_previous_run(out_dir)
+    with tempfile.TemporaryDirectory(prefix="slim_distill_export_") as work:
+        t_export = time.time()
+        with result.checkpoint.as_directory() as cdir:
+            exported = export_student(
+                cdir, base_path, d, lay.student_adapter if d.method == "lora" else "",
+                lay.student_merged if (d.export_merged or d.method == "full") else "", work,
+            )
+        export_s = time.time() - t_export
+        samples = []
+        if info["samples"] and exported.get("merged"):  # the local copy just written, no download
+            samples = generate_samples(exported["merged_local"], info["samples"], d.sample_max_new_tokens,
+                                       repetition_penalty=cfg.student.repetition_penalty)
     eval_doc = {
         "eval_loss_before": m.get("eval_loss_before"), "eval_loss_after": m.get("eval_loss_after"),
         "eval_ppl_before": perplexity(m.get("eval_loss_before")),
         "eval_ppl_after": perplexity(m.get("eval_loss_after")),
-        "eval_pairs": len(data.eval), "eval_target_tokens": data.stats["eval_target_tokens"],
+        "eval_pairs": stats["eval"], "eval_target_tokens": stats["eval_target_tokens"],
         "samples": samples,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(eval_doc, f, indent=2)
-    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
-        for s in samples:
-            f.write(json.dumps(s) + "\n")
+    storage.write_json(storage.join(out_dir, "eval.json"), eval_doc)
+    storage.write_text(storage.join(out_dir, "samples.jsonl"), "".join(json.dumps(x) + "\n" for x in samples))
 
     manifest = {
         "base_model": model_id(d.base_model), "base_model_path": base_path,
         "base_model_hash": hash_folder(base_path), "adapter_hash": exported.get("adapter_hash"),
-        "merged_hash": exported.get("merged_hash"), "data_hash": data.data_hash,
-        "prompt_version": data.prompt_version, "eval_loss": m.get("eval_loss_after"),
+        "merged_hash": exported.get("merged_hash"), "data_hash": info["data_hash"],
+        "prompt_version": info["prompt_version"], "eval_loss": m.get("eval_loss_after"),
     }
     return {
-        "run_name": run_name, "storage_path": storage, "checkpoint": result.checkpoint.path,
+        "run_name": run_name, "storage_path": train_storage, "checkpoint": result.checkpoint.path,
         "strategy": d.strategy, "zero_stage": d.zero_stage if d.strategy == "deepspeed" else None,
-        "method": d.method, "num_workers": d.num_workers, "data": data.stats,
+        "method": d.method, "num_workers": d.num_workers, "data": stats,
         "steps": m.get("steps"), "train_loss": m.get("train_loss"),
         "eval_loss_before": m.get("eval_loss_before"), "eval_loss_after": m.get("eval_loss_after"),
         "eval_ppl_before": perplexity(m.get("eval_loss_before")),
@@ -118,4 +141,5 @@ def run_distill(cfg) -> dict[str, Any]:
         "train_wall_s": round(train_wall, 1), "export_s": round(export_s, 1),
         "total_s": round(time.time() - t0, 1), "adapter": exported.get("adapter"),
         "merged": exported.get("merged"), "manifest": manifest, "num_samples": len(samples),
+        "node_ids": sorted(set([info["node_id"]] + list(m.get("node_ids") or []))),
     }

@@ -12,7 +12,10 @@ Two backends behind one small interface (``setup``, ``loss``, ``backward``, ``st
 - ``ddp``: torch ``DistributedDataParallel`` (the baseline DeepSpeed is measured against).
 
 Checkpoints are folders: every rank writes its own files into its own local folder (DeepSpeed's
-per-rank ZeRO shards, one RNG file per rank); Ray Train merges them in storage.
+per-rank ZeRO shards, one RNG file per rank); Ray Train merges them in storage. Our own files
+(``ddp_state.pt``, ``rng_rank*.pt``) hold tensors and plain Python values only and are loaded with
+``torch.load(weights_only=True)``. DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32`` unpickle
+their files with ``weights_only=False``: checkpoint storage must be trusted (see docs/distill.md).
 """
 
 from __future__ import annotations
@@ -197,6 +200,16 @@ class Strategy:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (small picklable values, e.g. node ids), in rank order."""
+        import torch.distributed as dist
+
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
@@ -244,7 +257,7 @@ class Strategy:
                 raise RuntimeError(f"{directory}: not a DeepSpeed checkpoint (tag {DS_TAG!r})")
         else:
             state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device,
-                               weights_only=False)
+                               weights_only=True)
             missing = set(state["model"]) - set(self.module.state_dict())
             if missing:
                 raise RuntimeError(f"{directory}: checkpoint has unknown weights {sorted(missing)[:3]}")
@@ -256,14 +269,21 @@ class Strategy:
             client_state = state["client_state"]
         rng = os.path.join(directory, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(torch.load(rng, weights_only=True))
         return dict(client_state)
 
 
 def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -272,8 +292,10 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -288,7 +310,8 @@ def seed_everything(seed: int) -> None:
 
 
 def consolidate_deepspeed(directory: str, tag: str = DS_TAG) -> dict[str, Any]:
-    """fp32 state dict of the trained weights from a (merged) ZeRO checkpoint folder."""
+    """fp32 state dict of the trained weights from a (merged) ZeRO checkpoint folder. DeepSpeed
+    unpickles the checkpoint files here: the checkpoint storage must be trusted."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag))
@@ -300,6 +323,6 @@ def consolidate(directory: str) -> dict[str, Any]:
 
     ddp = os.path.join(directory, "ddp_state.pt")
     if os.path.exists(ddp):
-        state = torch.load(ddp, map_location="cpu", weights_only=False)["model"]
+        state = torch.load(ddp, map_location="cpu", weights_only=True)["model"]
         return {k: v.float() for k, v in state.items()}
     return consolidate_deepspeed(directory)

@@ -80,18 +80,16 @@ def build_model(base_path: str, d: dict[str, Any]):
     model.config.use_cache = False
     if d["method"] == "full":
         return model, sum(p.numel() for p in model.parameters())
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from slim_ray.distill.config import DistillConfig
 
     expected = expected_lora_params(model, d["lora_target_modules"], d["lora_r"])
     if expected == 0:
         raise ValueError(
             f"distill.lora_target_modules={d['lora_target_modules']} match no Linear layer of {base_path}"
         )
-    lcfg = LoraConfig(
-        task_type="CAUSAL_LM", r=d["lora_r"], lora_alpha=d["lora_alpha"],
-        lora_dropout=d["lora_dropout"], target_modules=list(d["lora_target_modules"]),
-    )
-    model = get_peft_model(model, lcfg)
+    model = get_peft_model(model, DistillConfig.model_validate(d).lora_config())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable != expected:
         raise RuntimeError(f"LoRA made {trainable} trainable parameters, expected {expected}")
@@ -231,6 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_seconds = time.time() - t0
     eval_after = heldout_loss(strategy, evals, d["eval_batch_size"], pad_id)
+    node_ids = sorted(set(strategy.all_gather_object(ray.get_runtime_context().get_node_id())))
     mem.stop()
     peak = strategy.all_reduce_sum([mem.peak_mb])[0] / ws
     peak_max = max(strategy.all_reduce_sum(
@@ -246,7 +245,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 if t1 is not None and steps - start > 1 else None),
         "peak_rss_mb_mean": peak, "peak_rss_mb_max": peak_max, "world_size": ws,
         "rss_base_mb": strategy.all_reduce_sum([mem.base / 2**20])[0] / ws,
-        "restored_from": restored_from, "bf16": bool(config["bf16"]),
+        "restored_from": restored_from, "bf16": bool(config["bf16"]), "node_ids": node_ids,
     }
     if config.get("save_final", True):
         checkpoint(steps, metrics)
@@ -266,9 +265,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def build_trainer(
     d, *, seed: int, data_ref, pad_id: int, storage_path: str, run_name: str,
     ray_cfg=None, cache_dir: Optional[str] = None, step_log: Optional[str] = None,
-    use_gpu: Optional[bool] = None, save_final: bool = True,
+    use_gpu: Optional[bool] = None, save_final: bool = True, storage_filesystem=None,
 ):
-    """A TorchTrainer for DistillConfig ``d`` (not started)."""
+    """A TorchTrainer for DistillConfig ``d`` (not started). ``storage_path`` + ``storage_filesystem``
+    (``slim_ray.storage.resolve`` of a run URI) is where Ray Train keeps checkpoints."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -293,7 +293,7 @@ def build_trainer(
             num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path,
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
         ),
