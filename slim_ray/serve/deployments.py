@@ -32,7 +32,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
+from slim_ray.serve.loopback import pin_replica_grpc_to_loopback
+
 logger = logging.getLogger("ray.serve")
+
 
 MAX_INT = 2**63 - 1  # ids are int64 in every contract
 
@@ -131,6 +134,7 @@ class EncoderDeployment:
     def __init__(self, encoder: str, dtype: str, normalize: bool, max_seq_length: Optional[int],
                  max_batch_size: int, batch_wait_timeout_s: float):
         from slim_ray.encode.encoder import encode_texts
+        pin_replica_grpc_to_loopback()  # before Serve starts this replica's gRPC server
 
         self.kw = dict(encoder=encoder, dtype=dtype, normalize=normalize, max_seq_length=max_seq_length,
                        batch_size=max_batch_size)
@@ -176,6 +180,7 @@ class RecommenderDeployment:
     def __init__(self, cfg_dict: dict, max_batch_size: int, batch_wait_timeout_s: float):
         from slim_ray.config import PipelineConfig
         from slim_ray.serve.recommender import Recommender
+        pin_replica_grpc_to_loopback()  # before Serve starts this replica's gRPC server
 
         self.cfg = PipelineConfig.model_validate(cfg_dict)
         self.checkpoint = self.cfg.serve.checkpoint
@@ -235,6 +240,7 @@ class ReasonerDeployment:
     def __init__(self, cfg_dict: dict, threads: int, max_batch_size: int, batch_wait_timeout_s: float):
         from slim_ray.config import PipelineConfig
         from slim_ray.serve.reasoner import Reasoner
+        pin_replica_grpc_to_loopback()  # before Serve starts this replica's gRPC server
 
         self.reasoner = Reasoner(PipelineConfig.model_validate(cfg_dict), threads=threads)
         self.reason.set_max_batch_size(max_batch_size)
@@ -380,6 +386,7 @@ class Ingress:
     (``reconfigure``), so they change on a redeploy without restarting it."""
 
     def __init__(self, recommender, encoder, reasoner, settings: Optional[dict] = None):
+        pin_replica_grpc_to_loopback()  # before Serve starts this replica's gRPC server
         self.recommender = recommender
         self.encoder = encoder
         self.reasoner = reasoner
@@ -437,7 +444,8 @@ class Ingress:
     @api.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def healthz(self):
         """Per-deployment readiness: every deployment answers its probe (model loaded, a probe scores)."""
-        deps = {"Ingress": {"ready": True, "detail": "serving HTTP"}}
+        replica = serve.get_replica_context().replica_id.unique_id
+        deps = {"Ingress": {"ready": True, "detail": f"serving HTTP (replica {replica})"}}
         targets = {"RecommenderDeployment": self.recommender, "EncoderDeployment": self.encoder}
         if self.reasoner is not None:
             targets["ReasonerDeployment"] = self.reasoner

@@ -304,12 +304,49 @@ def test_checkpoint_swap_under_load_drops_no_request(server):
     assert httpx.get(f"{client.base_url}/v1/version").status_code == 401  # the key still holds
 
 
+def test_every_serve_process_listens_on_loopback_only(server):
+    """Listening sockets of this Ray's processes (GCS, raylet and every worker under it: the Serve
+    controller, HTTP proxy and replicas) and of this driver, while serving."""
+    import psutil
+    import ray
+
+    cfg, client = server
+    assert client.get("/healthz").status_code == 200
+    node = ray._private.worker._global_node
+    pids = {os.getpid()}
+    for infos in node.all_processes.values():
+        for info in infos:
+            pids.add(info.process.pid)
+    for pid in list(pids):
+        try:
+            pids |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    listeners, serve_procs = [], 0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            conns = proc.net_connections(kind="inet")
+            serve_procs += any(n in " ".join(proc.cmdline()) for n in ("ServeReplica", "ServeController", "ProxyActor"))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listeners += [(proc.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert serve_procs >= 5 and any(port == cfg.serve.port for _, _, port in listeners)
+    assert [x for x in listeners if not _loopback(x[1])] == [], listeners
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    a = ipaddress.ip_address(ip)
+    return a.is_loopback or bool(getattr(a, "ipv4_mapped", None) and a.ipv4_mapped.is_loopback)
+
+
 def test_deadlines_timeouts_and_a_dead_replica_give_no_500(server):
     """The ingress's settings change in place (user_config): a student deadline too short falls
     back to the learned no-rationale vector; a downstream timeout is a 503 with Retry-After; a
     killed recommender replica gives 200 or 503, never 500, and comes back."""
     import ray
-    from ray import serve
 
     from slim_ray.serve.app import deploy
 
@@ -319,19 +356,16 @@ def test_deadlines_timeouts_and_a_dead_replica_give_no_500(server):
     def with_serve(**kw):
         return cfg.model_copy(update={"serve": cfg.serve.model_copy(update=kw)})
 
-    try:
-        deploy(with_serve(reasoner_timeout_s=0.001), current)
-        body = client.post("/v1/recommend", json={"history": [3, 8], "k": 3, "explain": True}).json()
-        assert body["path"] == "no-rationale" and body["fallback"] == "reasoner-deadline" and body["rationale"] is None
-        assert len(body["items"]) == 3
+    # (the last test of the module: it leaves the short student deadline in place)
+    deploy(with_serve(request_timeout_s=0.0001), current)
+    r = client.post("/v1/recommend", json={"user_id": 1})
+    assert r.status_code == 503 and r.headers["retry-after"] == str(cfg.serve.retry_after_s)
+    assert "RecommenderDeployment" in r.json()["detail"]
 
-        deploy(with_serve(request_timeout_s=0.0001), current)
-        r = client.post("/v1/recommend", json={"user_id": 1})
-        assert r.status_code == 503 and r.headers["retry-after"] == str(cfg.serve.retry_after_s)
-        assert "RecommenderDeployment" in r.json()["detail"]
-    finally:
-        deploy(cfg, current)
-    assert client.post("/v1/recommend", json={"user_id": 1}).status_code == 200
+    deploy(with_serve(reasoner_timeout_s=0.001), current)
+    body = client.post("/v1/recommend", json={"history": [3, 8], "k": 3, "explain": True}).json()
+    assert body["path"] == "no-rationale" and body["fallback"] == "reasoner-deadline" and body["rationale"] is None
+    assert len(body["items"]) == 3
 
     replica = _stats(cfg, "RecommenderDeployment")["replica"]
     actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
