@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 #: Rows per Ray Data read block, and per key-computing batch.
 READ_BATCH_ROWS = 8192
-#: Rationale rows per groupby partition (one usable rationale per user is picked per group).
-ROWS_PER_PARTITION = 1_000_000
+#: Rationale rows per partition when one usable rationale per user is picked: up to this many
+#: rows are reduced in one block (no shuffle); more go through groupby(user_id) partitions.
+ROWS_PER_PARTITION = 200_000
 
 
 class EncodeInputError(ValueError):
@@ -90,12 +91,15 @@ def _usable(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.not_equal(pc.utf8_trim_whitespace(batch.column("text")), ""))
 
 
-def _longest_prefix(group: pa.Table) -> pa.Table:
-    """One user's usable rationales -> (id, text) of the longest-prefix one (ties: smallest key)."""
-    if group.num_rows == 0:
-        return pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())})
-    best = group.sort_by([("prefix_len", "descending"), ("rationale_key", "ascending")]).slice(0, 1)
-    return pa.table({"id": best.column("user_id").cast(pa.int64()), "text": best.column("text").cast(pa.string())})
+def _longest_prefix(rows: pa.Table) -> pa.Table:
+    """Usable rationales (all rows of each user they hold) -> (id, text), per user the one with
+    the longest prefix (ties: smallest rationale_key)."""
+    t = rows.sort_by([("user_id", "ascending"), ("prefix_len", "descending"), ("rationale_key", "ascending")])
+    users = t.column("user_id").to_numpy()
+    first = np.ones(len(users), dtype=bool)
+    first[1:] = users[1:] != users[:-1]
+    t = t.filter(pa.array(first))
+    return pa.table({"id": t.column("user_id").cast(pa.int64()), "text": t.column("text").cast(pa.string())})
 
 
 def rationale_inputs(path: str):
@@ -108,6 +112,8 @@ def rationale_inputs(path: str):
     parts = max(1, math.ceil(_count_rows(path) / ROWS_PER_PARTITION))
     ds = storage.ray_read_parquet(path, columns=cols).map_batches(_usable, batch_format="pyarrow",
                                                                   batch_size=READ_BATCH_ROWS)
+    if parts == 1:  # a small folder: one block, no shuffle
+        return ds.repartition(1).map_batches(_longest_prefix, batch_format="pyarrow", batch_size=None)
     return ds.groupby("user_id", num_partitions=parts).map_groups(_longest_prefix, batch_format="pyarrow")
 
 
@@ -314,8 +320,10 @@ def _run_encode(cfg) -> dict[str, Any]:
         "node_ids": [],
     }
     init_ray(cfg.ray)
+    t0 = time.perf_counter()
     inputs, outputs = _gather_inputs(cfg, spec, summary)
     key_refs = inputs.select_columns(store.KEY_COLUMNS + ["target"]).to_arrow_refs()
+    t1 = time.perf_counter()
     plan_remote = ray.remote(num_returns=2)(_plan_task)
     plans = [plan_remote.remote(out, key_refs, i) for i, (_, out, _) in enumerate(outputs)]
     kept_refs, todo = {}, 0
@@ -325,6 +333,7 @@ def _run_encode(cfg) -> dict[str, Any]:
         kept_refs[i] = kept_ref if info["reused"] else None
         todo += info["input_rows"] - info["reused"]
         summary["outputs"][name] = {**info, "encoded": 0, "parts_written": 0, "out": out}
+    t2 = time.perf_counter()
     if todo:
         res = encode_with_ray(inputs, kept_refs, [(out, kind) for _, out, kind in outputs], spec, cfg)
         summary["job"] = res["job"]
@@ -332,6 +341,8 @@ def _run_encode(cfg) -> dict[str, Any]:
         for i, (name, _, _) in enumerate(outputs):
             summary["outputs"][name].update(res["targets"][i])
     summary["node_ids"] = sorted(set(summary["node_ids"]))
+    summary["timings"] = {"inputs_s": round(t1 - t0, 2), "plan_s": round(t2 - t1, 2),
+                          "encode_s": round(time.perf_counter() - t2, 2)}
     for name, out in summary["outputs"].items():
         logger.warning("[encode] %s: %d rows, %d reused, %d encoded", name, out["input_rows"], out["reused"],
                        out["encoded"])
