@@ -14,7 +14,20 @@ STATE="${1:-${SLIM_RAY_CLUSTER_STATE:-runs/ray-local/cluster.env}}"
 # shellcheck disable=SC1090
 PID="$(. "$STATE"; echo "${RAY_HEAD_PID:-}")"
 TEMP_DIR="$(. "$STATE"; echo "${RAY_TEMP_DIR:-}")"
+WORKER_PIDS="$(. "$STATE"; echo "${RAY_WORKER_PIDS:-}")"
+WORKER_TEMP_DIRS="$(. "$STATE"; echo "${RAY_WORKER_TEMP_DIRS:-}")"
 [ -n "$PID" ] || { echo "local_stop: $STATE has no RAY_HEAD_PID" >&2; exit 1; }
+
+# Worker nodes first (each `ray start --block` is its own process group), then the head.
+for WPID in $WORKER_PIDS; do
+  kill -TERM "$WPID" 2>/dev/null || true
+done
+for WPID in $WORKER_PIDS; do
+  for _ in $(seq 1 60); do kill -0 "$WPID" 2>/dev/null || break; sleep 0.5; done
+  kill -TERM -- "-$WPID" 2>/dev/null || true
+  sleep 1
+  kill -KILL -- "-$WPID" 2>/dev/null || true
+done
 
 group_alive() { pgrep -g "$PID" >/dev/null 2>&1; }
 
@@ -31,4 +44,4 @@ if group_alive; then
   fi
 fi
 rm -f "$STATE"
-echo "local_stop: stopped Ray head pid $PID (logs kept in ${TEMP_DIR:-?}/session_latest/logs)"
+echo "local_stop: stopped Ray head pid $PID${WORKER_PIDS:+ and worker nodes $WORKER_PIDS} (logs kept in ${TEMP_DIR:-?}/session_latest/logs${WORKER_TEMP_DIRS:+ and $WORKER_TEMP_DIRS})"

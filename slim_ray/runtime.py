@@ -22,10 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
-import uuid
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -68,6 +65,10 @@ class RayConfig(StageConfig):
     )
     working_dir: Optional[str] = Field(
         None, description="runtime_env working_dir when joining a remote cluster."
+    )
+    train_placement: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="Ray Train workers' placement (ScalingConfig.placement_strategy): PACK "
+        "fills a node first; SPREAD puts the workers of a run on different nodes where it can.",
     )
     log_to_driver: bool = Field(
         False, description="Echo every Ray worker's stdout/stderr on the console. Off: worker logs "
@@ -195,66 +196,8 @@ def train_backend_config(cfg: Optional[RayConfig] = None):
     """TorchConfig for Ray Train: file-based rendezvous when local (no TCPStore on ``*``)."""
     from ray.train.torch import TorchConfig
 
+    from slim_ray._ray_compat import file_rendezvous_torch_config
+
     if not is_local(cfg):
         return TorchConfig()
-    return _file_rendezvous_config_cls()()
-
-
-_FILE_CFG_CLS = None
-
-
-def _file_rendezvous_config_cls():
-    global _FILE_CFG_CLS
-    if _FILE_CFG_CLS is not None:
-        return _FILE_CFG_CLS
-
-    import ray
-    from ray.train.torch.config import (
-        TorchConfig,
-        _setup_torch_process_group,
-        _TorchBackend,
-    )
-
-    try:  # present in Ray 2.60; sets LOCAL_RANK/WORLD_SIZE etc. before init_process_group
-        from ray.train.torch.config import _set_torch_distributed_env_vars
-    except ImportError:  # pragma: no cover
-        _set_torch_distributed_env_vars = None
-
-    class _FileRendezvousBackend(_TorchBackend):
-        def on_start(self, worker_group, backend_config):
-            resources = worker_group.get_resources_per_worker()
-            backend = backend_config.backend or ("nccl" if resources.get("GPU", 0) > 0 else "gloo")
-            path = os.path.join(tempfile.gettempdir(), f"slim_ray_rdzv_{uuid.uuid4().hex}")
-            url = f"file://{path}"
-
-            def _env():
-                os.environ.update(LOOPBACK_ENV)
-                os.environ["MASTER_PORT"] = "0"
-
-            worker_group.execute(_env)
-            if _set_torch_distributed_env_vars is not None:
-                worker_group.execute(_set_torch_distributed_env_vars)
-            futures = [
-                worker_group.execute_single_async(
-                    i,
-                    _setup_torch_process_group,
-                    backend=backend,
-                    world_rank=i,
-                    world_size=len(worker_group),
-                    init_method=url,
-                    timeout_s=backend_config.timeout_s,
-                )
-                for i in range(len(worker_group))
-            ]
-            ray.get(futures)
-
-    @dataclass
-    class FileRendezvousTorchConfig(TorchConfig):
-        """TorchConfig whose process group meets through a file, not a TCPStore on ``*``."""
-
-        @property
-        def backend_cls(self):
-            return _FileRendezvousBackend
-
-    _FILE_CFG_CLS = FileRendezvousTorchConfig
-    return _FILE_CFG_CLS
+    return file_rendezvous_torch_config(LOOPBACK_ENV)

@@ -18,8 +18,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """The one Ray instance of the test session (started on first use, loopback only)."""
+def ray_session(s3_server):
+    """The one Ray instance of the test session (started on first use, loopback only). It starts
+    after the S3 server, so its workers inherit the endpoint and credentials of s3:// run folders."""
     from slim_ray.runtime import RayConfig, init_ray, shutdown_ray
 
     init_ray(RayConfig(num_cpus=4, object_store_memory_mb=1024))

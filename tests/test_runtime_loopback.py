@@ -1,4 +1,9 @@
-"""The local runtime keeps every listener it starts on loopback (Ray Data and Ray Train jobs)."""
+"""Inside Ray Train workers, the file rendezvous (slim_ray/_ray_compat.py) and gloo listen only on loopback.
+
+This test runs in the test session's own Ray (the conftest pins loopback before Ray is imported, as
+the CLI does). The check of the real `slim-ray` command, started in a clean environment, is
+tests/test_e2e_quick.py::test_real_command_listens_only_on_loopback.
+"""
 
 from __future__ import annotations
 
