@@ -23,7 +23,6 @@ REVIEWS = "".join(f'{{"reviewerID": "u{u}", "asin": "a{i}", "unixReviewTime": {1
 
 @pytest.fixture()
 def root():
-    pytest.importorskip("fsspec")  # a third-party filesystem, not our code
     # memory:///name: fsspec keeps a leading "/" on memory paths, so the URI carries it too
     return f"memory:///slim-test-{uuid.uuid4().hex[:8]}"
 
