@@ -169,9 +169,12 @@ def _quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     # Ray Data logs every finished dataset at INFO on the console; keep them in its log file
     # (ray-data.log in the session logs) and show warnings only.
+    # Its errors are the tracebacks of a failing task, which reaches the stage runner as the
+    # exception it reports in one line (full trace in the stage's log file): drop them here.
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: record.levelno < logging.ERROR)
 
 
 def ray_logs_dir() -> Optional[str]:

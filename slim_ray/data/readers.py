@@ -420,7 +420,7 @@ class BadLines:
     def bad(self, index_in_piece: int, byte_in_piece: int, what: str) -> None:
         where = f"{self.path}: line {self.line_no(index_in_piece, byte_in_piece)}: {what}"
         if self.mode == "error":
-            raise BadInputError(where)
+            raise BadInputError(f"{where} (set data.on_bad_lines=skip to drop such lines)")
         self.count += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(where)
