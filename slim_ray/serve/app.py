@@ -30,13 +30,20 @@ from slim_ray import __version__
 logger = logging.getLogger(__name__)
 
 
+#: the packages a replica runs (their source hash is part of every deployment's version)
+_SERVED_CODE = ("serve", "rec", "encode", "generate", "prompts", "data")
+
+
 def _pinned(deployment, scaling, cfg, *init_args):
     """``deployment.options(...)`` with a version derived from what the replica is built from, so
     that a redeploy where only ``user_config`` changed (a model swap) reconfigures the running
     replicas instead of replacing them (Serve otherwise gives every ``serve.run`` a new version)."""
+    from slim_ray.lineage import source_hash
+
     s = cfg.serve
     opts = scaling.serve_options(s.health_check_period_s, s.health_check_timeout_s)
-    blob = json.dumps([deployment.name, __version__, opts, init_args], sort_keys=True, default=repr)
+    code = source_hash(_SERVED_CODE)  # new code: new replicas
+    blob = json.dumps([deployment.name, __version__, code, opts, init_args], sort_keys=True, default=repr)
     version = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return deployment.options(**opts).options(version=version, _internal=True)
 
@@ -56,7 +63,7 @@ def build_app(cfg, checkpoint: Optional[str] = None):
     spec = EncoderSpec.from_config(e)
     enc_args = (spec.path, e.dtype, e.normalize, e.max_seq_length, s.max_batch_size, s.batch_wait_timeout_s)
     encoder = _pinned(EncoderDeployment, s.encoder_scaling, cfg, *enc_args).bind(*enc_args)
-    rec_args = (base, s.max_batch_size, s.batch_wait_timeout_s)
+    rec_args = (base, s.max_batch_size, s.recommender_batch_wait_timeout_s)
     recommender = (_pinned(RecommenderDeployment, s.recommender_scaling, cfg, *rec_args)
                    .options(user_config={"checkpoint": checkpoint if checkpoint is not None else s.checkpoint})
                    .bind(*rec_args))

@@ -127,7 +127,11 @@ class ServeConfig(StageConfig):
         "used and the response says so (fallback: reasoner-deadline).",
     )
     max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the encoder and recommender deployments.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long an encoder/recommender batch waits to fill.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long an encoder batch waits to fill.")
+    recommender_batch_wait_timeout_s: float = Field(
+        0.002, ge=0,
+        description="How long a recommender batch waits to fill (short: at low load every request pays it; "
+        "under load batches fill while the previous one is scored).")
     reasoner_max_batch_size: int = Field(4, ge=1, description="@serve.batch size of the student reasoner.")
     reasoner_batch_wait_timeout_s: float = Field(
         0.05, ge=0, description="How long a reasoner batch waits to fill.")

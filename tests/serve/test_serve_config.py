@@ -37,3 +37,29 @@ def test_autoscaling_and_resources_come_from_the_config():
     deps = _deployments(app_builder({"set": ["serve.reasoner=false", "serve.ingress_scaling.max_replicas=3"]}))
     assert "ReasonerDeployment" not in deps
     assert deps["Ingress"]._deployment_config.autoscaling_config.max_replicas == 3
+
+
+def test_a_rebuilt_graph_keeps_its_versions_so_a_swap_only_reconfigures(monkeypatch):
+    """The premise of a model swap without a restart: the recommender's checkpoint lives in its
+    user_config (never in its init args), and rebuilding the graph gives every deployment the same
+    Serve version; the API key reaches Serve only as its SHA-256."""
+    import hashlib
+
+    from slim_ray.serve.app import build_app
+
+    monkeypatch.setenv("SLIM_RAY_API_KEY", "k3y")
+    cfg = load_config(None, ["serve.checkpoint=sasrec-slim-student-s0"])
+    first, second = _deployments(build_app(cfg)), _deployments(build_app(cfg, "gru4rec-slim-student-s1"))
+    assert {n: d.version for n, d in first.items()} == {n: d.version for n, d in second.items()}
+    assert all(d.version for d in first.values())
+    rec1, rec2 = first["RecommenderDeployment"], second["RecommenderDeployment"]
+    assert rec1._deployment_config.user_config == {"checkpoint": "sasrec-slim-student-s0"}
+    assert rec2._deployment_config.user_config == {"checkpoint": "gru4rec-slim-student-s1"}
+    assert rec1.init_args[0]["serve"]["checkpoint"] is None
+    settings = first["Ingress"]._deployment_config.user_config
+    assert settings["api_key_sha256"] == hashlib.sha256(b"k3y").hexdigest()
+    assert "k3y" not in repr(settings) and "k3y" not in repr(first["Ingress"].init_args)
+    # another limit changes only the ingress's user_config, not its version
+    limited = _deployments(build_app(load_config(None, ["serve.max_history=10"])))
+    assert limited["Ingress"].version == first["Ingress"].version
+    assert limited["Ingress"]._deployment_config.user_config["max_history"] == 10
