@@ -36,6 +36,32 @@ def _error(status: int, message: str, kind: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+def _parse_chat_request(body: Any, name: str, d: dict):
+    """(messages, sampling tuple) of a chat completion request, or an OpenAI-style error response."""
+    if not isinstance(body, dict):
+        return _error(400, "request body must be a JSON object")
+    model = body.get("model", name)
+    if model != name:
+        return _error(404, f"model '{model}' is not served here; this endpoint serves '{name}'", "model_not_found")
+    msgs = body.get("messages")
+    if (not isinstance(msgs, list) or not msgs
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs)):
+        return _error(400, "'messages' must be a non-empty list of {role, content} objects")
+    if body.get("stream"):
+        return _error(400, "stream=true is not supported by this endpoint")
+    try:
+        sampling = (
+            ("max_new_tokens", int(body.get("max_tokens") or body.get("max_completion_tokens") or d["max_new_tokens"])),
+            ("min_new_tokens", int(body.get("min_tokens") or 0)),
+            ("temperature", float(body.get("temperature", d["temperature"]))),
+            ("top_p", float(body.get("top_p", d["top_p"]))),
+            ("repetition_penalty", float(body.get("repetition_penalty", d["repetition_penalty"]))),
+        )
+    except (TypeError, ValueError) as e:
+        return _error(400, f"bad sampling parameter: {e}")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs], sampling
+
+
 def make_deployment(num_cpus: float = 1.0, replicas: int = 1, max_batch_size: int = 8, batch_wait_s: float = 0.05):
     from ray import serve
 
@@ -82,30 +108,11 @@ def make_deployment(num_cpus: float = 1.0, replicas: int = 1, max_batch_size: in
                 body = await request.json()
             except Exception:
                 return _error(400, "request body is not JSON")
-            if not isinstance(body, dict):
-                return _error(400, "request body must be a JSON object")
-            model = body.get("model", self.name)
-            if model != self.name:
-                return _error(404, f"model '{model}' is not served here; this endpoint serves '{self.name}'",
-                              "model_not_found")
-            msgs = body.get("messages")
-            if (not isinstance(msgs, list) or not msgs
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs)):
-                return _error(400, "'messages' must be a non-empty list of {role, content} objects")
-            if body.get("stream"):
-                return _error(400, "stream=true is not supported by this endpoint")
-            try:
-                d = self.defaults
-                sampling = (
-                    ("max_new_tokens", int(body.get("max_tokens") or body.get("max_completion_tokens") or d["max_new_tokens"])),
-                    ("min_new_tokens", int(body.get("min_tokens") or 0)),
-                    ("temperature", float(body.get("temperature", d["temperature"]))),
-                    ("top_p", float(body.get("top_p", d["top_p"]))),
-                    ("repetition_penalty", float(body.get("repetition_penalty", d["repetition_penalty"]))),
-                )
-            except (TypeError, ValueError) as e:
-                return _error(400, f"bad sampling parameter: {e}")
-            res = await self.generate(([{"role": m["role"], "content": m["content"]} for m in msgs], sampling))
+            parsed = _parse_chat_request(body, self.name, self.defaults)
+            if not isinstance(parsed, tuple):
+                return parsed  # an error response
+            msgs, sampling = parsed
+            res = await self.generate((msgs, sampling))
             if isinstance(res, Exception):
                 return _error(500, f"generation failed: {type(res).__name__}: {res}", "server_error")
             text, n_in, n_out = res
