@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 _SERVED_CODE = ("serve", "rec", "encode", "generate", "prompts", "data")
 
 
+#: serve settings the recommender / reasoner replicas read (the rest is the ingress's user_config)
+_REPLICA_SERVE_KEYS = ("recommender", "user_embeddings", "reasoner_model", "reasoner_max_new_tokens",
+                       "recommender_scaling", "reasoner_scaling")
+
+
 def _pinned(deployment, scaling, cfg, *init_args):
     """``deployment.options(...)`` with a version derived from what the replica is built from, so
     that a redeploy where only ``user_config`` changed (a model swap) reconfigures the running
@@ -58,20 +63,25 @@ def build_app(cfg, checkpoint: Optional[str] = None):
                                             RecommenderDeployment, key_digest)
 
     s, e = cfg.serve, cfg.encode
-    # init args never carry the checkpoint: it changes through user_config only
-    base = cfg.model_copy(update={"serve": s.model_copy(update={"checkpoint": None})}).model_dump(mode="json")
+    # What the recommender and reasoner replicas are built from: the run and the serve settings
+    # they read. Not the checkpoint (user_config) nor the ingress's limits, so changing those
+    # reconfigures instead of restarting.
+    base = cfg.model_dump(mode="json")
+    base["serve"] = {k: v for k, v in base["serve"].items() if k in _REPLICA_SERVE_KEYS}
     spec = EncoderSpec.from_config(e)
     enc_args = (spec.path, e.dtype, e.normalize, e.max_seq_length, s.max_batch_size, s.batch_wait_timeout_s)
-    encoder = _pinned(EncoderDeployment, s.encoder_scaling, cfg, *enc_args).bind(*enc_args)
+    encoder_d = _pinned(EncoderDeployment, s.encoder_scaling, cfg, *enc_args)
     rec_args = (base, s.max_batch_size, s.recommender_batch_wait_timeout_s)
-    recommender = (_pinned(RecommenderDeployment, s.recommender_scaling, cfg, *rec_args)
-                   .options(user_config={"checkpoint": checkpoint if checkpoint is not None else s.checkpoint})
-                   .bind(*rec_args))
-    reasoner = None
+    recommender_d = _pinned(RecommenderDeployment, s.recommender_scaling, cfg, *rec_args)
+    reasoner_d = None
     if s.reasoner:
         threads = max(1, int(round(s.reasoner_scaling.num_cpus)))
         rs_args = (base, threads, s.reasoner_max_batch_size, s.reasoner_batch_wait_timeout_s)
-        reasoner = _pinned(ReasonerDeployment, s.reasoner_scaling, cfg, *rs_args).bind(*rs_args)
+        reasoner_d = _pinned(ReasonerDeployment, s.reasoner_scaling, cfg, *rs_args)
+    encoder = encoder_d.bind(*enc_args)
+    recommender = recommender_d.options(
+        user_config={"checkpoint": checkpoint if checkpoint is not None else s.checkpoint}).bind(*rec_args)
+    reasoner = reasoner_d.bind(*rs_args) if reasoner_d is not None else None
     settings = {
         "default_k": s.default_k, "max_k": s.max_k, "encoder": spec.model_id,
         "max_body_bytes": s.max_body_bytes, "max_history": s.max_history,
@@ -81,7 +91,10 @@ def build_app(cfg, checkpoint: Optional[str] = None):
         # only the key's SHA-256 reaches Serve (and its stored config)
         "api_key_sha256": key_digest(os.environ.get(s.api_key_env) or None),
     }
-    return _pinned(Ingress, s.ingress_scaling, cfg).options(user_config=settings).bind(recommender, encoder, reasoner)
+    # the ingress is built from its downstream handles: their versions are part of its own
+    downstream = [d.version if d is not None else None for d in (recommender_d, encoder_d, reasoner_d)]
+    return (_pinned(Ingress, s.ingress_scaling, cfg, *downstream).options(user_config=settings)
+            .bind(recommender, encoder, reasoner))
 
 
 def app_builder(args: dict[str, Any]):

@@ -23,6 +23,9 @@ class AutoscalingConfig(StageConfig):
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Load must persist this long before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long before scaling down.")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests a replica takes at once (more wait in the proxy / caller); keep it "
+        "well above target_ongoing_requests, or autoscaling never sees the load.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
 
@@ -38,6 +41,7 @@ class AutoscalingConfig(StageConfig):
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
             },
+            "max_ongoing_requests": max(self.max_ongoing_requests, int(self.target_ongoing_requests) + 1),
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
 
@@ -49,6 +53,7 @@ class IngressScaling(AutoscalingConfig):
     """HTTP ingress: light, many requests in flight per replica."""
 
     target_ongoing_requests: float = Field(8.0, gt=0, description="Requests in flight per replica that autoscaling aims at.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica takes at once (async: many).")
     num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per replica.")
 
 
@@ -70,6 +75,7 @@ class ReasonerScaling(AutoscalingConfig):
 
     max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
     target_ongoing_requests: float = Field(1.0, gt=0, description="Requests in flight per replica that autoscaling aims at.")
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica takes at once (two reasoner batches).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (also the replica's torch threads).")
 
 

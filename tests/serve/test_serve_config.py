@@ -55,7 +55,7 @@ def test_a_rebuilt_graph_keeps_its_versions_so_a_swap_only_reconfigures(monkeypa
     rec1, rec2 = first["RecommenderDeployment"], second["RecommenderDeployment"]
     assert rec1._deployment_config.user_config == {"checkpoint": "sasrec-slim-student-s0"}
     assert rec2._deployment_config.user_config == {"checkpoint": "gru4rec-slim-student-s1"}
-    assert rec1.init_args[0]["serve"]["checkpoint"] is None
+    assert "checkpoint" not in rec1.init_args[0]["serve"] and "max_history" not in rec1.init_args[0]["serve"]
     settings = first["Ingress"]._deployment_config.user_config
     assert settings["api_key_sha256"] == hashlib.sha256(b"k3y").hexdigest()
     assert "k3y" not in repr(settings) and "k3y" not in repr(first["Ingress"].init_args)
@@ -63,3 +63,8 @@ def test_a_rebuilt_graph_keeps_its_versions_so_a_swap_only_reconfigures(monkeypa
     limited = _deployments(build_app(load_config(None, ["serve.max_history=10"])))
     assert limited["Ingress"].version == first["Ingress"].version
     assert limited["Ingress"]._deployment_config.user_config["max_history"] == 10
+    # the ingress is rebuilt when its downstream graph changes (a reasoner added or removed)
+    without = _deployments(build_app(load_config(None, ["serve.reasoner=false"])))
+    assert without["Ingress"].version != first["Ingress"].version
+    assert first["Ingress"]._deployment_config.max_ongoing_requests == 64
+    assert first["ReasonerDeployment"]._deployment_config.max_ongoing_requests == 8
