@@ -14,6 +14,13 @@ upgrade that breaks them fails there, loudly, not in the middle of a run.
    it unset it rewrites ``127.0.0.1`` to the host's address (``services.resolve_ip_for_localhost``)
    and never reaches the loopback GCS. ``ray._private.node.Node`` -- what ``ray.cluster_utils.Cluster``
    uses -- starts the node without either.
+3. ``small_blocks``: ``ds.repartition(target_num_rows_per_block=n)`` as a zero-CPU operator. The
+   public call schedules its split tasks with 1 CPU each; on a 2-core node whose CPUs the engine
+   actors hold they never start and the generation job waits forever (measured: not finished after
+   120 s on a 1-CPU node; without any repartition all 64 rows left the engine as one block, so the
+   writer got rows only at the end). Ray 2.60's public API exposes neither the operator's remote args
+   nor per-operator output block sizes, so the private ``StreamingRepartition`` logical operator is
+   built here (``Dataset._from_parent``, ``ds._logical_plan``).
 """
 
 from __future__ import annotations
@@ -140,6 +147,17 @@ def _worker_node_main(argv: Optional[list[str]] = None) -> int:
     done.wait()
     node.kill_all_processes(check_alive=False, allow_graceful=True)
     return 0
+
+
+def small_blocks(ds, rows: int):
+    """``ds.repartition(target_num_rows_per_block=rows)`` (streaming) that needs no CPU (item 3)."""
+    import ray.data
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
+                              ray_remote_args={"num_cpus": 0})
+    return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
 if __name__ == "__main__":  # pragma: no cover

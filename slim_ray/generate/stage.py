@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slim_ray import storage
+from slim_ray._ray_compat import small_blocks
 from slim_ray.data.schemas import ITEMS_SCHEMA, SEQUENCES_SCHEMA, check_columns
 from slim_ray.generate.config import GenerateConfig
 from slim_ray.generate.engines import (
@@ -358,28 +359,6 @@ class PartWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return write_batch(batch, **self.kwargs)
-
-
-def small_blocks(ds, rows: int):
-    """``ds.repartition(target_num_rows_per_block=rows)`` (streaming), but as a zero-CPU operator.
-
-    Written against Ray 2.60. The public call schedules its split tasks with 1 CPU each; on a
-    2-core node whose CPUs the engine actors hold they never start and the job waits forever.
-    Ray 2.60 exposes neither the operator's remote args nor per-operator output block sizes in
-    its public API (``map_batches`` output is coalesced up to ``target_max_block_size``, so a
-    generator UDF cannot emit small blocks either), so the logical operator is built here."""
-    import ray.data
-
-    try:
-        from ray.data._internal.logical.interfaces import LogicalPlan
-        from ray.data._internal.logical.operators.map_operator import StreamingRepartition
-
-        op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
-                                  ray_remote_args={"num_cpus": 0})
-        return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
-    except Exception as e:  # another Ray version: the public API (needs a free CPU)
-        logger.warning("zero-CPU repartition unavailable (%s); using Dataset.repartition", e)
-        return ds.repartition(target_num_rows_per_block=rows)
 
 
 def select_users(files: list[str], num_users: Optional[int], seed: int) -> tuple[Optional[np.ndarray], int]:

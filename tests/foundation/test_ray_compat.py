@@ -42,3 +42,13 @@ def test_worker_node_private_api_has_the_expected_shape():
     node_params = inspect.signature(ray._private.node.Node).parameters
     assert {"ray_params", "head", "shutdown_at_exit", "spawn_reaper"} <= set(node_params)
     assert hasattr(ray._private.node.Node, "kill_all_processes")
+
+
+def test_small_blocks_splits_without_cpus(ray_session):
+    """The zero-CPU repartition yields blocks of the asked size and needs no CPU for its tasks."""
+    import ray.data
+
+    ds = _ray_compat.small_blocks(ray.data.range(40, override_num_blocks=1), 8)
+    sizes = [len(batch["id"]) for batch in ds.iter_batches(batch_size=None)]
+    assert sum(sizes) == 40 and max(sizes) <= 8, sizes
+    assert "StreamingRepartition" in str(ds._logical_plan.dag)
