@@ -30,7 +30,6 @@ from slim_ray.stages import PIPELINE_ORDER, STAGES, run_stage
 # Commands that own their argument parsing: name -> "module:function(argv) -> int".
 DELEGATED = {
     "synth": "slim_ray.data.synth:main",
-    "serve-llm": "slim_ray.generate.serve_llm:main",
     "serve": "slim_ray.serve.app:main",
 }
 
@@ -64,9 +63,35 @@ def _build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=st.doc)
         add_config_args(p)
         p.add_argument("--force", action="store_true", help="run even if the output is fresh")
+    _add_serve_llm_parser(sub)
     for name in DELEGATED:
         sub.add_parser(name, help=f"see slim-ray {name} --help", add_help=False)
     return parser
+
+
+def _add_serve_llm_parser(sub) -> None:
+    p = sub.add_parser("serve-llm", help="an OpenAI-compatible endpoint for a packaged or local LLM "
+                       "on Ray Serve (loopback by default)")
+    add_config_args(p)
+    p.add_argument("--model", help="packaged model name or HF folder (default: the config's teacher.model)")
+    p.add_argument("--name", help="model name clients send (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--batch-wait-ms", type=float, default=50.0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
+
+
+def _serve_llm(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from slim_ray.generate.serve_llm import serve_until_stopped
+
+    return serve_until_stopped(cfg, model=args.model, name=args.name, host=args.host, port=args.port,
+                               replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                               dtype=args.dtype, max_tokens=args.max_tokens)
 
 
 def _pin_loopback_for(argv: list[str]) -> None:
@@ -102,6 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return print_plan(cfg)
     if is_local(cfg.ray):
         pin_loopback()
+    if args.command == "serve-llm":
+        return _serve_llm(cfg, args)
     try:
         if args.command == "run":
             from slim_ray.pipeline import run_pipeline

@@ -14,7 +14,6 @@ engine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -154,42 +153,25 @@ def stop() -> None:
         pass
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from slim_ray.cli import add_config_args, config_from_args
-    from slim_ray.config import ConfigError
-
-    p = argparse.ArgumentParser(prog="slim-ray serve-llm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--model", help="packaged model name or HF folder (default: the config's teacher.model)")
-    p.add_argument("--name", help="model name clients send (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--batch-wait-ms", type=float, default=50.0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
-    args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"slim-ray serve-llm: {e}", file=sys.stderr)
-        return 2
+def serve_until_stopped(cfg, model: Optional[str] = None, name: Optional[str] = None, host: str = "127.0.0.1",
+                        port: int = 8000, replicas: int = 1, cpus_per_replica: float = 1.0,
+                        max_batch_size: int = 8, batch_wait_ms: float = 50.0, dtype: str = "auto",
+                        max_tokens: int = 256) -> int:
+    """``slim-ray serve-llm`` (its arguments are parsed in ``slim_ray.cli``): start the endpoint,
+    print its URL as JSON, serve until SIGINT/SIGTERM."""
     from slim_ray.runtime import init_ray
 
-    model = args.model or cfg.teacher.model
+    model = model or cfg.teacher.model
     init_ray(cfg.ray)
     try:
-        url = start(model, served_name=args.name, host=args.host, port=args.port, replicas=args.replicas,
-                    cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
-                    batch_wait_ms=args.batch_wait_ms, dtype=args.dtype,
-                    defaults={"max_new_tokens": args.max_tokens}, cache_dir=cfg.cache_dir)
-    except Exception as e:
+        url = start(model, served_name=name, host=host, port=port, replicas=replicas,
+                    cpus_per_replica=cpus_per_replica, max_batch_size=max_batch_size,
+                    batch_wait_ms=batch_wait_ms, dtype=dtype,
+                    defaults={"max_new_tokens": max_tokens}, cache_dir=cfg.cache_dir)
+    except Exception as e:  # the one line a person needs; the endpoint never started
         print(f"slim-ray serve-llm: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"url": url, "model": args.name or model}), flush=True)
+    print(json.dumps({"url": url, "model": name or model}), flush=True)
     stop_event = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_event.set())

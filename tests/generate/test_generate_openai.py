@@ -91,8 +91,10 @@ def test_openai_engine_against_serve_llm(ray_session, tmp_path):
 
 
 def test_serve_llm_cli_parses_its_flags(capsys):
+    from slim_ray.cli import main
+
     with pytest.raises(SystemExit) as e:
-        serve_llm.main(["--help"])
+        main(["serve-llm", "--help"])
     assert e.value.code == 0 and "--max-batch-size" in capsys.readouterr().out
-    assert serve_llm.main(["--set", "teacher.no_such_field=1"]) == 2
+    assert main(["serve-llm", "--set", "teacher.no_such_field=1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
