@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from slim_ray import storage
 from slim_ray._ray_compat import small_blocks
+from slim_ray.data import splits
 from slim_ray.data.schemas import ITEMS_SCHEMA, SEQUENCES_SCHEMA, check_columns
 from slim_ray.generate.config import GenerateConfig
 from slim_ray.generate.engines import (
@@ -220,7 +221,7 @@ class PromptStage:
         for uid, seq, m in zip(uids, seqs, mask):
             if not m:
                 continue
-            if len(seq or []) - 2 < self.min_prefix_len:
+            if splits.training_length(len(seq or [])) < self.min_prefix_len:
                 counts["skipped_short"] += 1
                 continue
             if int(uid) in seen:

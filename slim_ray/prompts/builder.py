@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from slim_ray.data import splits
 from slim_ray.prompts.templates import DEFAULT_TEMPLATE, Template, load_template
 
 CountTokens = Callable[[list[str]], list[int]]
@@ -63,8 +64,7 @@ def training_prefix(item_ids: Sequence[int], cut: str = "full_prefix", tail_frac
                     min_tail: int = 3) -> list[int]:
     """The part of a time-ordered sequence a rationale may see: all but the last two items (the
     training prefix), cut to its first ``cut_length`` items for ``cut="consistent"``."""
-    ids = list(item_ids)
-    prefix = ids[:-2] if len(ids) > 2 else []
+    prefix = splits.training_prefix(list(item_ids))
     return prefix[:cut_length(len(prefix), cut, tail_fraction, min_tail)]
 
 
@@ -244,7 +244,7 @@ class PromptBuilder:
     def build(self, item_ids: Sequence[int]) -> BuiltPrompt:
         """Prompt from a user's full sequence; only the cut training prefix is rendered."""
         prefix = training_prefix(item_ids, **self.cut)
-        assert len(prefix) <= max(0, len(item_ids) - 2), "leakage guard: prefix must exclude valid/test"
+        assert len(prefix) <= splits.training_length(len(item_ids)), "leakage guard: prefix must exclude valid/test"
         hist = self.history(prefix)
         msgs, n_shown = build_messages(self.template, hist, **self.kw)
         return BuiltPrompt(

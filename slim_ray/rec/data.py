@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from slim_ray import storage
+from slim_ray.data import splits
 from slim_ray.data.schemas import ITEMS_SCHEMA, RATIONALES_SCHEMA, SEQUENCES_SCHEMA, check_columns
 
 PROTOCOLS = ("consistent", "leaky")
@@ -139,7 +140,7 @@ def window_examples(data: RecData, max_len: int, cuts: Optional[np.ndarray] = No
     rationale prefix_len of each user id), ``rationale_mask`` follows ``protocol``."""
     seqs, tgts, pos, users = [], [], [], []
     for u, s in zip(data.user_ids, data.seqs):
-        train = s[:-2]
+        train = splits.training_prefix(s)
         x, y = train[:-1], train[1:]
         for end in range(len(x), 0, -max_len):
             start = max(0, end - max_len)
@@ -156,7 +157,7 @@ def prefix_examples(data: RecData, max_len: int, per_user: Optional[int], rng: n
     points per user (all when None). Drawn anew each epoch from ``rng``."""
     seqs, tgts, pos, users = [], [], [], []
     for u, s in zip(data.user_ids, data.seqs):
-        train = s[:-2]
+        train = splits.training_prefix(s)
         cut_points = np.arange(1, len(train))
         if per_user is not None and len(cut_points) > per_user:
             cut_points = np.sort(rng.choice(cut_points, per_user, replace=False))
@@ -185,9 +186,9 @@ class EvalSplit:
 
 def eval_split(data: RecData, split: str, max_len: int) -> EvalSplit:
     """``valid``: history s[:-2] -> s[-2]; ``test``: history s[:-1] -> s[-1]."""
-    cut = {"valid": -2, "test": -1}[split]
-    hist = [s[:cut] for s in data.seqs]
-    targets = np.array([s[cut] for s in data.seqs], dtype=np.int64)
+    pairs = [splits.split_history(s, split) for s in data.seqs]
+    hist = [h for h, _ in pairs]
+    targets = np.array([t for _, t in pairs], dtype=np.int64)
     seq, lens = pad_right(hist, max_len)
     rows, cols, n_cand = [], [], []
     for i, (h, t) in enumerate(zip(hist, targets)):
@@ -298,7 +299,7 @@ def rationale_cuts(rationales: str, data: RecData) -> np.ndarray:
     ok = (users >= 1) & (users <= data.n_users)
     cuts[users[ok]] = plen[ok]
     train_len = np.zeros(data.n_users + 1, dtype=np.int64)
-    train_len[data.user_ids] = [len(s) - 2 for s in data.seqs]
+    train_len[data.user_ids] = [splits.training_length(len(s)) for s in data.seqs]
     bad = np.flatnonzero((cuts > train_len) & (train_len > 0))
     if len(bad):
         raise ValueError(f"{rationales}: {len(bad)} users have a rationale written past their training prefix "
