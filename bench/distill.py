@@ -18,6 +18,10 @@ MovieLens-100K histories of the prepared run (``slim-ray prepare`` output).
 
 from __future__ import annotations
 
+from slim_ray.runtime import pin_loopback
+
+pin_loopback()  # before anything imports Ray: a local Ray listens on 127.0.0.1 only
+
 import argparse
 import json
 import os

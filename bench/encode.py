@@ -12,6 +12,10 @@ agree on each item's 10 nearest items. Without --items the texts are the prepare
 
 from __future__ import annotations
 
+from slim_ray.runtime import pin_loopback
+
+pin_loopback()  # before anything imports Ray: a local Ray listens on 127.0.0.1 only
+
 import argparse
 import os
 import sys

@@ -17,6 +17,10 @@
 
 from __future__ import annotations
 
+from slim_ray.runtime import pin_loopback
+
+pin_loopback()  # before anything imports Ray: a local Ray listens on 127.0.0.1 only
+
 import argparse
 import json
 import os
