@@ -38,6 +38,9 @@ def test_prepare_movielens_100k_on_ray(ray_session, tmp_path):
     assert (s["raw"]["interactions"], s["raw"]["users"], s["raw"]["items"]) == (100_000, 943, 1682)
     assert (s["users"], s["items"], s["interactions"]) == (943, 1349, 99_287)
     assert s["skipped_lines"] == 0 and s["kcore_passes"] == 2
+    import ray
+
+    assert s["node_ids"] == [ray.get_runtime_context().get_node_id()]  # the one local node wrote the parts
     items, seqs = read_items(cfg.layout.items), read_sequences(cfg.layout.sequences)
     assert items.schema.equals(ITEMS_SCHEMA, check_metadata=False)
     assert seqs.schema.equals(SEQUENCES_SCHEMA, check_metadata=False)

@@ -48,6 +48,21 @@ def _loss(model, examples, pad_id):
     return total / count
 
 
+def _published_hash(folder: str, tmp_path) -> str:
+    """hash_folder of a published export without the content index the storage layer adds."""
+    import shutil
+
+    from slim_ray import storage
+    from slim_ray.assets import hash_folder
+
+    index = storage.read_json(os.path.join(folder, storage.CONTENT_INDEX))
+    files = sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+    assert sorted(index) == [f for f in files if f != storage.CONTENT_INDEX]  # every file indexed
+    dst = tmp_path / f"published-{os.path.basename(folder)}"
+    shutil.copytree(folder, dst, ignore=shutil.ignore_patterns(storage.CONTENT_INDEX))
+    return hash_folder(dst)
+
+
 def test_distill_survives_worker_kill_and_exports(ray_session, tmp_path):
     import torch
     from peft import PeftModel
@@ -148,8 +163,8 @@ def test_distill_survives_worker_kill_and_exports(ray_session, tmp_path):
 
     # ---- manifest: hashes of what was used and made; a rerun is skipped as fresh
     m = s["manifest"]
-    assert m["adapter_hash"] == hash_folder(lay.student_adapter)
-    assert m["merged_hash"] == hash_folder(lay.student_merged)
+    assert m["adapter_hash"] == _published_hash(lay.student_adapter, tmp_path)
+    assert m["merged_hash"] == _published_hash(lay.student_merged, tmp_path)
     assert m["base_model_hash"] == hash_folder(base_path) and m["data_hash"] == data.data_hash
     assert m["eval_loss"] == s["eval_loss_after"] and m["prompt_version"] == data.prompt_version
     assert read_manifest(lay.distill)["status"] == "complete"
