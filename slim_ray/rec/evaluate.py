@@ -114,7 +114,25 @@ def evaluate_all(cfg) -> dict[str, Any]:
     if "sampled" in ec.protocols:
         cand_all, reused = stored_candidates(storage.join(lay.eval, "candidates.parquet"), full_data,
                                              ec.num_negatives, ec.candidates_seed)
-    names = metric_names(ks)
+    groups = _evaluate_runs(cfg, runs, full_data, cand_all, n_items, ks)
+    results = _aggregate(groups, ec.protocols, metric_names(ks))
+    out = {
+        "description": "see docs/rec.md#metricsjson",
+        "ks": ks, "metrics": metric_names(ks), "protocols": list(ec.protocols),
+        "num_users": len(full_data), "num_items": full_data.n_items,
+        "sampled": {"num_negatives": ec.num_negatives, "seed": ec.candidates_seed,
+                    "candidates": "eval/candidates.parquet", "reused": reused} if cand_all is not None else None,
+        "random": _random_reference(full_data, ec, ks),
+        "results": results,
+        "significance": _significance(groups, results, ec),
+    }
+    storage.write_json(storage.join(lay.eval, "metrics.json"), out)
+    return out
+
+
+def _evaluate_runs(cfg, runs, full_data, cand_all, n_items, ks) -> dict[tuple[str, str], list]:
+    """Phase 1: per-user metrics of every run, grouped by (backbone, variant)."""
+    ec, lay = cfg.evaluate, cfg.layout
     groups: dict[tuple[str, str], list] = {}
     for run_dir in runs:
         mu = (read_meta(run_dir) or {}).get("max_users")
@@ -123,7 +141,11 @@ def evaluate_all(cfg) -> dict[str, Any]:
         per_user, meta, split = evaluate_run(run_dir, data, cand, ks, ec.batch_users)
         per_user = {p: v for p, v in per_user.items() if p in ec.protocols}
         groups.setdefault((meta["backbone"], meta["variant"]), []).append((meta, per_user, split, storage.basename(run_dir)))
+    return groups
 
+
+def _aggregate(groups, protocols, names) -> dict[str, Any]:
+    """Phase 2: per seed, mean and std over seeds of every (backbone, variant)."""
     results: dict[str, Any] = {}
     for (bb, var), items in sorted(groups.items()):
         items.sort(key=lambda x: x[0]["seed"])
@@ -136,23 +158,28 @@ def evaluate_all(cfg) -> dict[str, Any]:
                                  "n_users": int(len(items[0][2].users))}
         for meta, per_user, _, _ in items:
             entry["per_seed"][str(meta["seed"])] = {p: mean_metrics(v) for p, v in per_user.items()}
-        for p in ec.protocols:
+        for p in protocols:
             entry["mean"][p], entry["std"][p] = {}, {}
             for m in names:
                 mean, std = _stats([entry["per_seed"][str(x[0]["seed"])][p][m] for x in items])
                 entry["mean"][p][m], entry["std"][p][m] = mean, std
         results.setdefault(bb, {})[var] = entry
+    return results
 
-    # Random-ranker reference (exact expectations for these candidate counts).
-    test_split = rd.eval_split(full_data, "test", 1)
-    random_ref = {}
+
+def _random_reference(full_data, ec, ks) -> dict[str, Any]:
+    """Exact expectations of a random ranker for these candidate counts."""
+    ref = {}
     if "sampled" in ec.protocols:
-        random_ref["sampled"] = random_reference(np.full(len(full_data), 1 + ec.num_negatives), ks)
+        ref["sampled"] = random_reference(np.full(len(full_data), 1 + ec.num_negatives), ks)
     if "full" in ec.protocols:
-        random_ref["full"] = random_reference(test_split.n_candidates, ks)
+        ref["full"] = random_reference(rd.eval_split(full_data, "test", 1).n_candidates, ks)
+    return ref
 
-    # Paired significance: each SLIM/text variant vs the better (by mean) of id / id_text,
-    # per-user metric averaged over the seeds both have.
+
+def _significance(groups, results, ec) -> dict[str, Any]:
+    """Paired test of each SLIM/text variant against the better (by mean) of id / id_text, on the
+    per-user metric averaged over the seeds both have."""
     metric = ec.significance_metric
     significance: dict[str, Any] = {}
     for bb, variants in groups_by_backbone(groups).items():
@@ -170,19 +197,7 @@ def evaluate_all(cfg) -> dict[str, Any]:
                     continue
                 significance.setdefault(bb, {}).setdefault(var, {})[p] = {
                     "baseline": best, "metric": metric, **paired_test(a, b)}
-
-    out = {
-        "description": "see docs/rec.md#metricsjson",
-        "ks": ks, "metrics": names, "protocols": list(ec.protocols),
-        "num_users": len(full_data), "num_items": full_data.n_items,
-        "sampled": {"num_negatives": ec.num_negatives, "seed": ec.candidates_seed,
-                    "candidates": "eval/candidates.parquet", "reused": reused} if cand_all is not None else None,
-        "random": random_ref,
-        "results": results,
-        "significance": significance,
-    }
-    storage.write_json(storage.join(lay.eval, "metrics.json"), out)
-    return out
+    return significance
 
 
 def groups_by_backbone(groups):
