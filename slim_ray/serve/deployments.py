@@ -183,8 +183,10 @@ class RecommenderDeployment:
         pin_replica_grpc_to_loopback()  # before Serve starts this replica's gRPC server
 
         self.cfg = PipelineConfig.model_validate(cfg_dict)
+        # Loaded once, by reconfigure (Serve calls it with the user_config before the replica
+        # serves); deployed without a user_config, by the first call (``_ready``).
         self.checkpoint = self.cfg.serve.checkpoint
-        self.rec = Recommender(self.cfg, self.checkpoint)
+        self.rec: Optional[Recommender] = None
         self.answer.set_max_batch_size(max_batch_size)
         self.answer.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.n_batches = self.n_requests = self.max_batch = 0
@@ -196,40 +198,48 @@ class RecommenderDeployment:
         from slim_ray.serve.recommender import Recommender
 
         checkpoint = (config or {}).get("checkpoint")
-        if checkpoint == self.checkpoint:
+        if self.rec is not None and checkpoint == self.checkpoint:
             return
         rec = await asyncio.to_thread(Recommender, self.cfg, checkpoint)
         await asyncio.to_thread(rec.probe)
         self.rec, self.checkpoint = rec, checkpoint
         logger.info("recommender now serves %s", rec.version)
 
+    def _ready(self):
+        from slim_ray.serve.recommender import Recommender
+
+        if self.rec is None:
+            self.rec = Recommender(self.cfg, self.checkpoint)
+        return self.rec
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # the real values: set in __init__
     async def answer(self, reqs: list[dict]) -> list[dict]:
         self.n_batches += 1
         self.n_requests += len(reqs)
         self.max_batch = max(self.max_batch, len(reqs))
-        return await asyncio.to_thread(self.rec.answer_many, reqs)
+        return await asyncio.to_thread(self._ready().answer_many, reqs)
 
     def version(self) -> dict:
-        return self.rec.version
+        return self._ready().version
 
     def stats(self) -> dict:
         return {"batches": self.n_batches, "requests": self.n_requests, "max_batch": self.max_batch,
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
     def info(self) -> dict:
-        rec = self.rec
+        rec = self._ready()
         meta = getattr(rec.scorer, "meta", None) or {}
         return {"scorer": rec.scorer.name, "items": len(rec.catalog.titles),
                 "users": len(rec.catalog.histories), "uses_rationales": rec.uses_rationales,
                 **{k: meta[k] for k in ("backbone", "variant", "seed", "best_valid_ndcg@10") if k in meta}}
 
     def check_health(self) -> None:
-        self.rec.probe()
+        self._ready().probe()
 
     def ready(self) -> dict:
-        self.rec.probe()
-        return {"ready": True, "detail": f"{self.rec.scorer.name}: probe scored"}
+        rec = self._ready()
+        rec.probe()
+        return {"ready": True, "detail": f"{rec.scorer.name}: probe scored"}
 
 
 @serve.deployment
