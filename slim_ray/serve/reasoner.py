@@ -12,7 +12,6 @@ tokens, so the same history always gives the same rationale.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Sequence
 
@@ -29,8 +28,10 @@ def reasoner_generate_config(cfg):
     model = cfg.serve.reasoner_model or gen.model
     if model == "distilled":
         lay = cfg.layout
-        exported = os.path.isfile(os.path.join(lay.student_merged, "config.json")) or os.path.isfile(
-            os.path.join(lay.student_adapter, "adapter_config.json"))
+        from slim_ray import storage
+
+        exported = storage.is_file(storage.join(lay.student_merged, "config.json")) or storage.is_file(
+            storage.join(lay.student_adapter, "adapter_config.json"))
         if not exported:
             logger.warning("no distilled student under %s: the reasoner serves the packaged %s (not distilled)",
                            lay.distill, PACKAGED_STUDENT)

@@ -3,7 +3,6 @@ the real packaged encoder, and (optionally) a SASRec ``slim:student`` run built 
 
 from __future__ import annotations
 
-import json
 import os
 
 import pyarrow as pa

@@ -50,7 +50,7 @@ def test_checkpoint_scorer_matches_the_rec_model(cfg):
     import torch
 
     from slim_ray.rec.data import pad_right
-    from slim_ray.serve.checkpoint import CheckpointScorer, find_run
+    from slim_ray.serve.checkpoint import find_run
 
     with pytest.raises(FileNotFoundError, match="no finished recommender run"):
         find_run(cfg)
