@@ -216,7 +216,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="per level")
     p.add_argument("--reasoner", action="store_true", help="also the student workload (1 and 4 clients)")
     p.add_argument("--soak-s", type=float, default=0.0)
-    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
 
@@ -226,6 +226,12 @@ def main() -> int:
     from slim_ray.serve.app import deploy, start, stop
     from slim_ray.serve.recommender import Recommender
 
+    if not args.port:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
     run_dir = args.build_run or args.run_dir
     if not run_dir:
         p.error("give --run-dir or --build-run")
