@@ -290,7 +290,8 @@ def build_trainer(
             "bf16": bf16, "step_log": step_log, "save_final": save_final,
         },
         scaling_config=ScalingConfig(
-            num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=ray_cfg.train_placement if ray_cfg is not None else "PACK",
         ),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
