@@ -14,7 +14,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RAY_BIN="${RAY_BIN:-$HERE/.venv/bin/ray}"
 [ -x "$RAY_BIN" ] || RAY_BIN="$(command -v ray)"
-: "${RAY_ADDRESS:?set RAY_ADDRESS to the cluster's jobs URL (http://host:8265)}"
+: "${RAY_ADDRESS:?set RAY_ADDRESS to the jobs URL of the cluster, e.g. http://host:8265}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 ID_ARGS=()
 [ -n "${SUBMISSION_ID:-}" ] && ID_ARGS=(--submission-id "$SUBMISSION_ID")
