@@ -37,7 +37,8 @@ from slim_ray.generate.engines import (
     APPLY, EngineError, ModelSpec, check_endpoint, check_vllm, local_model, node_id, sampling_params,
 )
 from slim_ray.generate.store import (
-    OUTPUT_SCHEMA, compact, done_pairs, folder_totals, pair_hash, remove_temp_files, write_part,
+    OUTPUT_SCHEMA, compact, done_pairs, drop_unreadable_parts, folder_totals, pair_hash, remove_temp_files,
+    write_part,
 )
 
 logger = logging.getLogger(__name__)
@@ -398,10 +399,11 @@ def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     out_dir = storage.normalize(lay.rationales(role))
     storage.makedirs(out_dir)
     remove_temp_files(out_dir)
+    unreadable = drop_unreadable_parts(out_dir)  # before the done set: their rows are generated again
     selected, n_selected = select_users(seq_files, gen.num_users, cfg.seed)
     return dict(seq_files=seq_files, spec=spec, out_dir=out_dir, done=done_pairs(out_dir), selected=selected,
-                n_selected=n_selected, version=load_template(gen.template or DEFAULT_TEMPLATE[role]).version,
-                run_id=uuid.uuid4().hex[:12])
+                n_selected=n_selected, unreadable_parts=unreadable,
+                version=load_template(gen.template or DEFAULT_TEMPLATE[role]).version, run_id=uuid.uuid4().hex[:12])
 
 
 def _build_dataset(cfg, gen: GenerateConfig, role: str, p: dict, tally):
@@ -513,6 +515,7 @@ def _finish(gen: GenerateConfig, role: str, p: dict, run: dict, tally) -> dict[s
         "rows_per_s": round(run["rows"] / gen_s, 3) if gen_s > 0 else None,
         "output_tokens_per_s": round(run["output_tokens"] / gen_s, 2) if gen_s > 0 else None,
         "compaction": compaction,
+        "unreadable_parts_dropped": len(p["unreadable_parts"]),
         "output": {
             "rows": tot["rows"], "failed_rows": tot["failed_rows"],
             "share_all_three_steps": round(tot["all_three_steps"] / n_ok, 4) if n_ok else None,

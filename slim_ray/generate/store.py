@@ -10,6 +10,9 @@ stage output when it is smaller): an object store and Ray Data both work best wi
 Identity of a row: the pair (user_id, rationale_key), hashed to one int64 (``pair_hash``) so the
 done set of a million users is 8 MB, shipped once to the prompt workers.
 
+A part that does not read back (a damaged disk, a partial copy) is deleted when a run starts
+(``drop_unreadable_parts``), so its rows are generated again instead of failing every rerun.
+
 ``compact(out_dir, wanted)`` runs after each run: it keeps exactly one row per wanted pair (a
 success beats an earlier failure; later duplicates are dropped) and removes rows of pairs the
 current config no longer produces (another prompt version, model or sampling). It reads one part at
@@ -21,6 +24,7 @@ resumes, each successful row counted once.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -29,6 +33,8 @@ import pyarrow.compute as pc
 
 from slim_ray import storage
 from slim_ray.data.schemas import RATIONALES_SCHEMA
+
+logger = logging.getLogger(__name__)
 
 #: The rationales contract plus the parser's flags.
 OUTPUT_SCHEMA = pa.schema(
@@ -58,6 +64,24 @@ def part_files(out_dir: str) -> list[str]:
 def remove_temp_files(out_dir: str) -> int:
     """Temp files of parts that a killed run did not finish."""
     return storage.remove_temp_files(out_dir)
+
+
+def drop_unreadable_parts(out_dir: str) -> list[str]:
+    """Delete the parts that do not read back in full (a damaged disk, a partial copy into the run
+    folder), so that their rows count as missing and are generated again. Returns their URIs.
+
+    Every later step (done set, compaction, totals) reads these parts; without this, one damaged
+    part would fail every rerun of the stage."""
+    bad = []
+    for f in part_files(out_dir):
+        try:
+            storage.read_parquet_file(f)
+        except (OSError, pa.ArrowException) as e:
+            logger.warning("%s: unreadable part (%s: %s); deleting it, its rows are generated again",
+                           f, type(e).__name__, e)
+            storage.delete_file(f)
+            bad.append(f)
+    return bad
 
 
 def write_part(table: pa.Table, out_dir: str) -> str:
