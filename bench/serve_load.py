@@ -18,8 +18,8 @@ most replicas seen per deployment during the level (sampled each second from ``s
 ``recommend_ms`` (the rest of the p50 is the HTTP proxy, the client and queueing before the
 ingress). ``bare p50`` is ``Recommender.answer_many([request])`` in this process (the deployment's own code,
 no Ray, no HTTP) on the same requests; ``overhead`` = served p50 at 1 client minus bare p50.
-``--soak-s`` runs 16 ``known`` clients that long and reports errors and the summed RSS of the Serve
-processes at its start and end.
+``--soak-s`` runs 16 ``known`` clients that long and reports errors, the most replicas, and the RSS
+of each Serve process at its start and end.
 
 ``--build-run DIR`` makes a run folder in minutes: ``slim-ray prepare`` of the config's data,
 item vectors from the configured encoder, a *templated* stored rationale per user ("the user
@@ -189,21 +189,23 @@ def bare_p50(rec, bodies: list[dict], n: int = 300) -> float:
     return 1000 * pct(times[20:], 50)
 
 
-def serve_rss_mb() -> float:
-    """Summed RSS of this Ray's Serve processes (controller, proxy, replicas)."""
+def serve_rss_mb() -> dict:
+    """RSS in MiB of this Ray's Serve processes (controller, proxy, replicas), by process, and the sum."""
     import psutil
     import ray
 
-    total = 0
+    out: dict = {}
     for infos in ray._private.worker._global_node.all_processes.values():
         for info in infos:
             try:
                 for p in psutil.Process(info.process.pid).children(recursive=True):
-                    if any(k in " ".join(p.cmdline()) for k in ("ServeReplica", "ServeController", "ProxyActor")):
-                        total += p.memory_info().rss
+                    cmd = " ".join(p.cmdline())
+                    if any(k in cmd for k in ("ServeReplica", "ServeController", "ProxyActor")):
+                        out[f"{p.name()}:{p.pid}"] = round(p.memory_info().rss / 2**20, 1)
             except Exception:
                 pass
-    return total / 2**20
+    out["total"] = round(sum(out.values()), 1)
+    return out
 
 
 def main() -> int:
@@ -264,8 +266,9 @@ def main() -> int:
         soak = None
         if args.soak_s:
             rss0 = serve_rss_mb()
+            sampler.take()
             soak = {**load(url, workloads["known"], 16, args.soak_s, headers), "rss_start_mb": rss0,
-                    "rss_end_mb": serve_rss_mb(), "seconds": args.soak_s}
+                    "rss_end_mb": serve_rss_mb(), "seconds": args.soak_s, "replicas": sampler.take()}
             print(json.dumps({"soak": soak}), flush=True)
         samples = []
         if args.reasoner:
