@@ -156,40 +156,36 @@ def makedirs(uri: str) -> None:
         fs.create_dir(path, recursive=True)
 
 
-def list_files(uri: str, suffix: str = "", recursive: bool = False, include_hidden: bool = False) -> list[str]:
-    """Sorted URIs of the files under a folder ending in ``suffix``; hidden (``.``/``_``) names are
-    skipped unless asked for. A missing folder lists as empty."""
+def _files_under(uri: str, recursive: bool) -> tuple[str, list[pafs.FileInfo]]:
+    """(path of ``uri`` in its filesystem, FileInfo of every file under it); none when missing."""
     fs, path = resolve(uri)
-    root = normalize(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return path, []
+    return path, [fi for fi in infos if fi.type == pafs.FileType.File]
+
+
+def list_files(uri: str, suffix: str = "", recursive: bool = False, include_hidden: bool = False) -> list[str]:
+    """Sorted URIs of the files under a folder ending in ``suffix``; hidden (``.``/``_``) names are
+    skipped unless asked for. A missing folder lists as empty."""
+    path, files = _files_under(uri, recursive)
     out = []
-    for fi in infos:
-        if fi.type != pafs.FileType.File or not fi.base_name.endswith(suffix):
-            continue
+    for fi in files:
         rel_parts = fi.path[len(path):].strip("/").split("/")
-        if not include_hidden and any(p.startswith((".", "_")) for p in rel_parts):
+        if not fi.base_name.endswith(suffix) or (
+                not include_hidden and any(p.startswith((".", "_")) for p in rel_parts)):
             continue
-        out.append(_uri_of(root, path, fi.path))
+        out.append(_uri_of(normalize(uri), path, fi.path))
     return sorted(out)
 
 
 def tree_listing(uri: str, skip: Iterable[str] = ()) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime ns) of every file under a folder, for fingerprints."""
-    fs, path = resolve(uri)
+    path, files = _files_under(uri, recursive=True)
     skip = set(skip)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    out = []
-    for fi in infos:
-        if fi.type != pafs.FileType.File or fi.base_name in skip:
-            continue
-        out.append((fi.path[len(path):].lstrip("/"), int(fi.size or 0), int(fi.mtime_ns or 0)))
-    return sorted(out)
+    return sorted((fi.path[len(path):].lstrip("/"), int(fi.size or 0), int(fi.mtime_ns or 0))
+                  for fi in files if fi.base_name not in skip)
 
 
 def delete_file(uri: str) -> None:

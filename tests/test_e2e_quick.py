@@ -11,7 +11,6 @@ immediate rerun skips every stage.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import subprocess
@@ -20,10 +19,10 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pyarrow.compute as pc
 import pytest
 
+from listeners import non_loopback_listeners, process_tree
 from slim_ray.config import load_config
 from slim_ray.data import io
 from slim_ray.data.schemas import embeddings_schema, check_columns
@@ -41,33 +40,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def non_loopback_listeners(root_pid: int) -> set[str]:
-    """'<cmd> listens on <ip>:<port>' for every listener of the process tree not on loopback."""
-    bad = set()
-    try:
-        procs = [psutil.Process(root_pid)] + psutil.Process(root_pid).children(recursive=True)
-    except psutil.Error:
-        return bad
-    for proc in procs:
-        try:
-            conns = proc.net_connections(kind="inet")
-        except psutil.Error:
-            continue
-        for c in conns:
-            if c.status != psutil.CONN_LISTEN or not c.laddr:
-                continue
-            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
-            if getattr(ip, "ipv4_mapped", None) is not None:  # ::ffff:127.0.0.1
-                ip = ip.ipv4_mapped
-            if not ip.is_loopback:
-                try:
-                    name = " ".join(proc.cmdline()[:3])[:120]
-                except psutil.Error:
-                    name = str(proc.pid)
-                bad.add(f"{name} listens on {c.laddr.ip}:{c.laddr.port}")
-    return bad
-
-
 def run_watched(cmd: list[str], log_path: str, timeout: float) -> tuple[int, set[str], float]:
     """Run ``cmd`` with a clean environment, its output to ``log_path``; poll its tree's listeners."""
     bad: set[str] = set()
@@ -79,7 +51,7 @@ def run_watched(cmd: list[str], log_path: str, timeout: float) -> tuple[int, set
 
         def poll():
             while not stop.is_set():
-                bad.update(non_loopback_listeners(proc.pid))
+                bad.update(non_loopback_listeners(process_tree(proc.pid)))
                 stop.wait(0.5)
 
         poller = threading.Thread(target=poll, daemon=True)

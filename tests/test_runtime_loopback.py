@@ -7,41 +7,14 @@ tests/test_e2e_quick.py::test_real_command_listens_only_on_loopback.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import threading
 
 import psutil
-import pytest
 
-
-def _descendants_and_ray_processes(root_pid: int) -> list[psutil.Process]:
-    procs = {p.pid: p for p in psutil.Process(root_pid).children(recursive=True)}
-    procs[root_pid] = psutil.Process(root_pid)
-    return list(procs.values())
-
-
-def _non_loopback_listeners(procs) -> list[str]:
-    bad = []
-    for proc in procs:
-        try:
-            conns = proc.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        for c in conns:
-            if c.status != psutil.CONN_LISTEN or not c.laddr:
-                continue
-            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
-            if getattr(ip, "ipv4_mapped", None) is not None:  # ::ffff:127.0.0.1
-                ip = ip.ipv4_mapped
-            if not ip.is_loopback:
-                try:
-                    name = " ".join(proc.cmdline()[:3])
-                except psutil.Error:
-                    name = str(proc.pid)
-                bad.append(f"{name} listens on {c.laddr.ip}:{c.laddr.port}")
-    return bad
+from listeners import non_loopback_listeners as _non_loopback_listeners
+from listeners import process_tree as _descendants_and_ray_processes
 
 
 def _train_loop(config):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import os
 
-import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "slim_ray")
 
