@@ -211,20 +211,22 @@ def _tmp_name(path: str) -> str:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object: temp name + move locally, a direct PUT on object stores."""
     fs, path = resolve(uri)
+    # compression=None: the bytes are stored as given (pyarrow would gzip a ``.gz`` name again).
     if is_local(uri):
         fs.create_dir(os.path.dirname(path), recursive=True)
         tmp = _tmp_name(path)
-        with fs.open_output_stream(tmp) as f:
+        with fs.open_output_stream(tmp, compression=None) as f:
             f.write(data)
         fs.move(tmp, path)
     else:
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
 
 
 def read_bytes(uri: str) -> bytes:
+    """The object's bytes as stored (a ``.gz`` object is not decompressed)."""
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 

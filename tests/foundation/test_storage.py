@@ -45,6 +45,9 @@ def test_parquet_parts_json_and_listing(root):
     assert storage.read_json(storage.join(root, "missing.json"), default={}) == {}
     assert storage.read_table(storage.join(root, "nothing")) is None if storage.is_dir(storage.join(root, "nothing")) \
         else pytest.raises(FileNotFoundError, storage.read_table, storage.join(root, "nothing"))
+    gz = bytes([0x1F, 0x8B]) + b"not really gzip"  # stored as given, whatever the name says
+    storage.write_bytes(storage.join(root, "raw", "x.json.gz"), gz)
+    assert storage.read_bytes(storage.join(root, "raw", "x.json.gz")) == gz
     listing = storage.tree_listing(folder)
     assert [x[0] for x in listing] == ["part-0.parquet", "part-1.parquet"] and all(x[1] > 0 for x in listing)
     if not storage.is_local(root):  # nothing of an s3:// run reaches a local folder named after it
