@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 import traceback
@@ -29,7 +30,6 @@ from slim_ray.stages import PIPELINE_ORDER, STAGES, run_stage
 
 # Commands that own their argument parsing: name -> "module:function(argv) -> int".
 DELEGATED = {
-    "synth": "slim_ray.data.synth:main",
     "serve": "slim_ray.serve.app:main",
 }
 
@@ -46,6 +46,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     flat = [o for group in args.overrides for o in group]
+    if getattr(args, "command", None) == "synth":  # its shortcuts are overrides too
+        flat += ([f"synth.num_users={args.users}"] if args.users else []) + \
+            ([f"synth.out={args.out}"] if args.out else [])
     return load_config(args.config, flat)
 
 
@@ -64,6 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
         add_config_args(p)
         p.add_argument("--force", action="store_true", help="run even if the output is fresh")
     _add_serve_llm_parser(sub)
+    synth = sub.add_parser(
+        "synth", help="synthetic Amazon-format (or Parquet) review logs: Zipf popularity, heavy-tailed "
+        "lengths, vocabulary titles/categories/brands; settings under `synth.` (docs/data.md)")
+    add_config_args(synth)
+    synth.add_argument("--users", type=int, help="shortcut for --set synth.num_users=N")
+    synth.add_argument("--out", help="shortcut for --set synth.out=PATH")
     for name in DELEGATED:
         sub.add_parser(name, help=f"see slim-ray {name} --help", add_help=False)
     return parser
@@ -129,6 +138,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         pin_loopback()
     if args.command == "serve-llm":
         return _serve_llm(cfg, args)
+    if args.command == "synth":
+        from slim_ray.data.synth import run_synth
+
+        print(json.dumps(run_synth(cfg.synth, cfg.ray), indent=2))
+        return 0
     try:
         if args.command == "run":
             from slim_ray.pipeline import run_pipeline

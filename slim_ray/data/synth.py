@@ -23,13 +23,12 @@ workers run, and memory per task is bounded by the shard size.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -311,33 +310,3 @@ def run_synth(cfg, ray_cfg=None, progress: bool = True) -> dict[str, Any]:
     with open(os.path.join(cfg.out, "synth.json"), "w") as f:
         json.dump({"config": cfg.model_dump(mode="json"), "summary": summary}, f, indent=2)
     return summary
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from slim_ray.cli import add_config_args, config_from_args
-    from slim_ray.config import ConfigError
-
-    parser = argparse.ArgumentParser(
-        prog="slim-ray synth",
-        description="Synthetic Amazon-format (or Parquet) review logs: Zipf popularity, heavy-tailed "
-        "lengths, vocabulary titles/categories/brands. Settings live under `synth.` (see docs/data.md).",
-    )
-    add_config_args(parser)
-    parser.add_argument("--users", type=int, help="shortcut for --set synth.num_users=N")
-    parser.add_argument("--out", help="shortcut for --set synth.out=PATH")
-    args = parser.parse_args(argv)
-    extra = ([f"synth.num_users={args.users}"] if args.users else []) + ([f"synth.out={args.out}"] if args.out else [])
-    if extra:
-        args.overrides.append(extra)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"slim-ray synth: {e}", file=sys.stderr)
-        return 2
-    summary = run_synth(cfg.synth, cfg.ray)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

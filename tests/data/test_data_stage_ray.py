@@ -60,11 +60,11 @@ def test_prepare_movielens_100k_on_ray(ray_session, tmp_path):
 
 
 def test_synth_amazon_then_prepare_with_bad_lines(ray_session, tmp_path):
-    from slim_ray.data.synth import main as synth_main
+    from slim_ray.cli import main as cli_main
 
     out = tmp_path / "synth"
-    assert synth_main(["--set", f"synth.out={out}", "synth.num_users=400", "synth.num_items=300",
-                       "synth.num_shards=2", "synth.dup_rate=0.05"]) == 0
+    assert cli_main(["synth", "--out", str(out), "--set", "synth.num_users=400", "synth.num_items=300",
+                     "synth.num_shards=2", "synth.dup_rate=0.05"]) == 0
     summary = json.load(open(out / "synth.json"))["summary"]
     assert summary["users"] == 400 and summary["items"] == 300
     assert sorted(os.listdir(out / "reviews")) == ["part-00000.json", "part-00001.json"]
