@@ -21,6 +21,16 @@ upgrade that breaks them fails there, loudly, not in the middle of a run.
    writer got rows only at the end). Ray 2.60's public API exposes neither the operator's remote args
    nor per-operator output block sizes, so the private ``StreamingRepartition`` logical operator is
    built here (``Dataset._from_parent``, ``ds._logical_plan``).
+4. ``pin_replica_grpc_to_loopback``: Ray Serve 2.60 starts an inter-deployment gRPC server in every
+   replica bound to ``[::]:0`` (all interfaces; ``ray/serve/_private/replica.py``), with no option to
+   change it. On a node whose Ray address is loopback (``slim-ray serve`` on one machine), the
+   address is rewritten to 127.0.0.1; on a cluster node (a routable node IP) it is left as Ray chose
+   it, since replicas on other nodes must reach it. ``tests/serve/test_serve_graph.py`` scans the
+   listeners of every Serve process, so an upgrade that moves this code fails there.
+5. ``with_stable_version``: ``Deployment.options(version=...)`` is accepted only with the private
+   ``_internal=True`` in Ray 2.60. A version derived from what a replica is built from lets a
+   redeploy where only ``user_config`` changed (a model swap) reconfigure the running replicas in
+   place instead of replacing them (Serve otherwise gives every ``serve.run`` a new version).
 """
 
 from __future__ import annotations
@@ -158,6 +168,36 @@ def small_blocks(ds, rows: int):
     op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
                               ray_remote_args={"num_cpus": 0})
     return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
+def _node_is_loopback() -> bool:
+    import ipaddress
+
+    import ray
+
+    return ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback
+
+
+def pin_replica_grpc_to_loopback() -> None:
+    """Patch Serve's replica gRPC bind address (item 4; idempotent)."""
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "_slim_ray_loopback", False):
+        return
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:") and _node_is_loopback():
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    add_port._slim_ray_loopback = True
+    replica.add_port_to_grpc_server = add_port
+
+
+def with_stable_version(deployment, version: str):
+    """``deployment.options(version=...)`` (item 5)."""
+    return deployment.options(version=version, _internal=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,7 @@ import threading
 from typing import Any, Optional
 
 from slim_ray import __version__
+from slim_ray._ray_compat import with_stable_version
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _pinned(deployment, scaling, cfg, *init_args):
     code = source_hash(_SERVED_CODE)  # new code: new replicas
     blob = json.dumps([deployment.name, __version__, code, opts, init_args], sort_keys=True, default=repr)
     version = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return deployment.options(**opts).options(version=version, _internal=True)
+    return with_stable_version(deployment.options(**opts), version)
 
 
 def build_app(cfg, checkpoint: Optional[str] = None):

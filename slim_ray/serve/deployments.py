@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from slim_ray.serve.loopback import pin_replica_grpc_to_loopback
+from slim_ray._ray_compat import pin_replica_grpc_to_loopback
 
 logger = logging.getLogger("ray.serve")
 

@@ -52,3 +52,19 @@ def test_small_blocks_splits_without_cpus(ray_session):
     sizes = [len(batch["id"]) for batch in ds.iter_batches(batch_size=None)]
     assert sum(sizes) == 40 and max(sizes) <= 8, sizes
     assert "StreamingRepartition" in str(ds._logical_plan.dag)
+
+
+def test_serve_private_api_has_the_expected_shape():
+    from ray.serve import deployment
+    from ray.serve._private import replica
+
+    assert callable(replica.add_port_to_grpc_server)
+    params = inspect.signature(replica.add_port_to_grpc_server).parameters
+    assert len(params) == 2, params  # (server, address)
+
+    @deployment
+    class Probe:
+        def __call__(self):
+            return "ok"
+
+    assert _ray_compat.with_stable_version(Probe, "v1").version == "v1"
