@@ -64,7 +64,7 @@ def loop(a, run: str) -> dict:
     from slim_ray.config import load_config
     from slim_ray.data.io import read_sequences
     from slim_ray.generate.engines import HFEngine, sampling_params
-    from slim_ray.generate.stage import prompt_builder, resolve_model
+    from slim_ray.generate.models import prompt_builder, resolve_model
 
     cfg = load_config(None, overrides(run, a))
     pb = prompt_builder(cfg, "teacher")

@@ -20,7 +20,7 @@ def parquet_files(path: str) -> list[str]:
     return storage.parquet_files(path)
 
 
-_parquet_files = parquet_files  # former private name, still imported by slim_ray.generate.stage
+
 
 
 def read_table(path: str, expected: Optional[pa.Schema] = None, columns: Optional[list[str]] = None) -> pa.Table:

@@ -62,13 +62,13 @@ def student_prompt_builder(cfg=None, items=None, tokenizer_path: Optional[str] =
     """(history_items -> p' chat messages, prompt version).
 
     With a pipeline config: exactly the builder the ``reason`` stage uses for the student
-    (``slim_ray.generate.stage.prompt_builder``: template, history length, token budget), so the
+    (``slim_ray.generate.models.prompt_builder``: template, history length, token budget), so the
     student is trained on the prompts it will answer. Without one: the packaged student template.
     """
     from slim_ray.prompts import DEFAULT_TEMPLATE, build_messages, load_template, student_messages
 
     if cfg is not None:
-        from slim_ray.generate.stage import prompt_builder
+        from slim_ray.generate.models import prompt_builder
 
         pb = prompt_builder(cfg, "student", items, tokenizer=tokenizer_path)
         return (lambda hist: build_messages(pb.template, hist, **pb.kw)[0]), pb.version

@@ -28,7 +28,7 @@ Public API (what distillation and serving reuse, so training and inference see t
     # Generation (reason stage) applies the same chat template with add_generation_prompt=True.
 
 ``GenerateConfig`` (slim_ray.generate.config) holds the builder settings a run used
-(max_history_items, prompt_token_budget, template); ``slim_ray.generate.stage.prompt_builder(cfg,
+(max_history_items, prompt_token_budget, template); ``slim_ray.generate.models.prompt_builder(cfg,
 role, items, tokenizer)`` builds the exact PromptBuilder of a stage from a pipeline config.
 """
 

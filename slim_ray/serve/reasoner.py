@@ -2,7 +2,7 @@
 
 Plain Python (no Ray): ``Reasoner(cfg).reason(item_ids)``. It reuses the ``reason`` stage's own
 pieces, so a served rationale is written exactly like a batch one: the student's prompt p'
-(``slim_ray.generate.stage.prompt_builder``: same template, history rendering and token budget)
+(``slim_ray.generate.models.prompt_builder``: same template, history rendering and token budget)
 and the ``hf`` engine (``slim_ray.generate.engines.HFEngine``: chat template, bf16 when supported).
 Two differences, both for serving: the *whole* given history is shown (a request's history has
 no held-out targets to hide), and decoding is greedy with at most ``serve.reasoner_max_new_tokens``
@@ -45,7 +45,7 @@ class Reasoner:
 
     def __init__(self, cfg, threads: int | None = None):
         from slim_ray.generate.engines import HFEngine, sampling_params
-        from slim_ray.generate.stage import prompt_builder, resolve_model
+        from slim_ray.generate.models import prompt_builder, resolve_model
 
         gen = reasoner_generate_config(cfg)
         spec = resolve_model(cfg, gen)

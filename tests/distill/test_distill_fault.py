@@ -72,7 +72,7 @@ def test_distill_survives_worker_kill_and_exports(ray_session, tmp_path):
 
     from slim_ray.assets import hash_folder, resolve_llm
     from slim_ray.distill.dataset import load_dataset
-    from slim_ray.generate.stage import resolve_model
+    from slim_ray.generate.models import resolve_model
     from slim_ray.lineage import read_manifest
     from slim_ray.stages import run_stage
 

@@ -14,7 +14,8 @@ from slim_ray.config import load_config
 from slim_ray.data.io import read_rationales
 from slim_ray.data.schemas import RATIONALES_SCHEMA, check_columns
 from slim_ray.generate.engines import EngineError
-from slim_ray.generate.stage import GenerationError, run_reason, run_teach, select_users
+from slim_ray.generate.models import GenerationError
+from slim_ray.generate.stage import run_reason, run_teach, select_users
 from slim_ray.generate.store import part_files
 from slim_ray.prompts import cut_length
 

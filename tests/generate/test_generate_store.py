@@ -13,7 +13,8 @@ import pytest
 from conftest import make_bucket
 from gen_data import items_table, sequences_table
 from slim_ray import storage
-from slim_ray.generate.stage import _sequence_files, read_items, select_users
+from slim_ray.generate.models import read_items
+from slim_ray.generate.stage import _sequence_files, select_users
 from slim_ray.generate.store import (
     OUTPUT_SCHEMA, compact, done_pairs, folder_totals, pair_hash, part_files, remove_temp_files, write_part,
 )
