@@ -16,7 +16,6 @@ log file) and exit status 1; ``--debug`` also prints the full trace.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -28,10 +27,6 @@ from slim_ray.errors import StageFailed
 from slim_ray.runtime import is_local, pin_loopback
 from slim_ray.stages import PIPELINE_ORDER, STAGES, run_stage
 
-# Commands that own their argument parsing: name -> "module:function(argv) -> int".
-DELEGATED = {
-    "serve": "slim_ray.serve.app:main",
-}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +41,12 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     flat = [o for group in args.overrides for o in group]
-    if getattr(args, "command", None) == "synth":  # its shortcuts are overrides too
+    command = getattr(args, "command", None)  # shortcuts that are overrides too
+    if command == "synth":
         flat += ([f"synth.num_users={args.users}"] if args.users else []) + \
             ([f"synth.out={args.out}"] if args.out else [])
+    if command == "serve" and args.port is not None:
+        flat.append(f"serve.port={args.port}")
     return load_config(args.config, flat)
 
 
@@ -73,8 +71,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add_config_args(synth)
     synth.add_argument("--users", type=int, help="shortcut for --set synth.num_users=N")
     synth.add_argument("--out", help="shortcut for --set synth.out=PATH")
-    for name in DELEGATED:
-        sub.add_parser(name, help=f"see slim-ray {name} --help", add_help=False)
+    serve = sub.add_parser("serve", help="the SLIM recommendation graph on Ray Serve over a finished run "
+                           "(loopback by default; docs/serve.md)")
+    add_config_args(serve)
+    serve.add_argument("--port", type=int, help="shortcut for --set serve.port=N")
     return parser
 
 
@@ -103,27 +103,9 @@ def _serve_llm(cfg: PipelineConfig, args: argparse.Namespace) -> int:
                                dtype=args.dtype, max_tokens=args.max_tokens)
 
 
-def _pin_loopback_for(argv: list[str]) -> None:
-    """Pin loopback when the config (read leniently here) runs a local Ray. Delegated commands
-    parse their own arguments, but Ray must not be imported before this decision."""
-    pre = argparse.ArgumentParser(add_help=False)
-    add_config_args(pre)
-    try:
-        args, _ = pre.parse_known_args(argv)
-        cfg = config_from_args(args)
-    except (ConfigError, SystemExit):
-        return  # the command reports the error itself
-    if is_local(cfg.ray):
-        pin_loopback()
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if argv and argv[0] in DELEGATED:
-        _pin_loopback_for(argv[1:])
-        module, fn = DELEGATED[argv[0]].split(":")
-        return int(getattr(importlib.import_module(module), fn)(argv[1:]) or 0)
     args = _build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -138,6 +120,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         pin_loopback()
     if args.command == "serve-llm":
         return _serve_llm(cfg, args)
+    if args.command == "serve":
+        from slim_ray.serve.app import serve_until_stopped
+
+        return serve_until_stopped(cfg)
     if args.command == "synth":
         from slim_ray.data.synth import run_synth
 

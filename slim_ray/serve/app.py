@@ -15,13 +15,11 @@ On a cluster (KubeRay RayService, ``serve run``) the import path is
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any, Optional
 
@@ -154,22 +152,9 @@ def stop(cfg) -> None:
         serve.shutdown()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from slim_ray.cli import add_config_args, config_from_args
-    from slim_ray.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="slim-ray serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--port", type=int, help="shortcut for --set serve.port=N")
-    args = parser.parse_args(argv)
-    if args.port is not None:
-        args.overrides.append([f"serve.port={args.port}"])
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"slim-ray serve: {e}", file=sys.stderr)
-        return 2
+def serve_until_stopped(cfg) -> int:
+    """``slim-ray serve`` (its arguments are parsed in ``slim_ray.cli``): start the graph, serve
+    until SIGINT/SIGTERM, then drain and stop."""
     # SIGINT/SIGTERM stop the server cleanly, also during start-up (a shell's background job
     # inherits SIGINT as ignored; installing the handlers here takes that back).
     done, started = threading.Event(), threading.Event()

@@ -3,11 +3,12 @@ no module imports a stage's runner module.
 
 The layers, lowest first (a module may import its own layer and the ones below):
   0 foundation   configbase, storage, layout, lineage, errors, assets, runtime, stagelog, _ray_compat
-  1 prompts, data
-  2 stages       generate, distill, encode, rec, report
-  3 serving      serve (hosts what the stages made)
-  4 the table    config (every stage's config), stages, pipeline, plan
-  5 entry        cli, __main__ (and jobs/, bench/ outside the package)
+  1 configs      every stage's ``config`` module and ``slim_ray.config`` (the pipeline config)
+  2 prompts, data
+  3 stages       generate, distill, encode, rec, report
+  4 serving      serve (hosts what the stages made)
+  5 the table    stages, pipeline, plan
+  6 entry        cli, __main__ (and jobs/, bench/ outside the package)
 No module imports a stage's runner (``<package>.stage``) but the stage table, which does it by
 name: stages talk through files, and shared code (engines, encoders, models) lives outside it.
 """
@@ -23,12 +24,21 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 LAYERS = {
     **{m: 0 for m in ("configbase", "storage", "layout", "lineage", "errors", "assets", "runtime",
                       "stagelog", "_ray_compat", "__init__")},
-    "prompts": 1, "data": 1,
-    **{m: 2 for m in ("generate", "distill", "encode", "rec", "report")},
-    "serve": 3,
-    **{m: 4 for m in ("config", "stages", "pipeline", "plan")},
-    "cli": 5, "__main__": 5,
+    "config": 1,
+    "prompts": 2, "data": 2,
+    **{m: 3 for m in ("generate", "distill", "encode", "rec", "report")},
+    "serve": 4,
+    **{m: 5 for m in ("stages", "pipeline", "plan")},
+    "cli": 6, "__main__": 6,
 }
+CONFIGS = 1
+
+
+def layer(module: str) -> int:
+    """The layer of a dotted module name; a package's ``config`` module is in the configs layer."""
+    if module.endswith(".config") and module.count(".") == 2:
+        return CONFIGS
+    return LAYERS.get(_top(module), 0)
 
 
 def _top(module: str) -> str:
@@ -77,8 +87,8 @@ def violations() -> list[str]:
             targets = [target] if target != "slim_ray" else [f"slim_ray.{n}" for n in names]
             for t in targets:
                 dst = _top(t)
-                if LAYERS.get(dst, 0) > LAYERS[src]:
-                    out.append(f"{where}: {src} (layer {LAYERS[src]}) imports {t} (layer {LAYERS[dst]})")
+                if layer(t) > layer(module):
+                    out.append(f"{where}: {module} (layer {layer(module)}) imports {t} (layer {layer(t)})")
                 if t.endswith(".stage") and src not in ("stages",) and dst != src:
                     out.append(f"{where}: imports the stage runner {t}")
             if dst_private := [n for n in names if n.startswith("_") and not n.startswith("__")]:
@@ -99,5 +109,5 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     (fake / "data" / "bad.py").write_text("from slim_ray.cli import main\nfrom slim_ray.rec.train import _x\n")
     monkeypatch.setattr(__import__(__name__), "PKG", str(fake))
     found = violations()
-    assert any("data (layer 1) imports slim_ray.cli (layer 5)" in v for v in found), found
+    assert any("slim_ray.data.bad (layer 2) imports slim_ray.cli (layer 6)" in v for v in found), found
     assert any("imports private ['_x']" in v for v in found), found
