@@ -39,7 +39,7 @@ def heldout_loss(strategy, examples: Sequence, batch_size: int, pad_id: int) -> 
             total += loss * n * weight
             count += n * weight
     strategy.train(True)
-    total, count = strategy.all_reduce_sum([total, count])
+    total, count = strategy.all_reduce([total, count], "sum")
     return total / count if count else None
 
 

@@ -1,15 +1,17 @@
 """The training strategy: owns the distributed backend so model code never touches it.
 
-Two backends behind one small interface (``setup``, ``loss``, ``backward``, ``step``,
-``save``/``load``, ``all_reduce_sum``):
+Two backends behind one small interface, the abstract ``Strategy`` (``setup``, ``loss``,
+``backward``, ``step``, ``save``/``load``, ``all_reduce(values, op)``, ``all_gather_object``,
+``barrier``); ``make_strategy`` picks the class ``DistillConfig.strategy`` names:
 
-- ``deepspeed``: ``deepspeed.initialize`` with ZeRO stage 0-3 (+ optional CPU offload), reusing
-  the process group Ray Train already made (``dist_init_required=False``). The optimizer is a plain
-  ``torch.optim.AdamW`` passed in (``zero_allow_untested_optimizer``): a DeepSpeed-config
-  optimizer would JIT-compile a C++ op for minutes on CPU. fp16/bf16 are off in the DeepSpeed
-  config: mixed precision is bf16 autocast around the forward pass, with fp32 master weights,
-  which works the same on CPU and GPU.
-- ``ddp``: torch ``DistributedDataParallel`` (the baseline DeepSpeed is measured against).
+- ``DeepSpeedStrategy`` (``deepspeed``): ``deepspeed.initialize`` with ZeRO stage 0-3 (+ optional
+  CPU offload), reusing the process group Ray Train already made (``dist_init_required=False``).
+  The optimizer is a plain ``torch.optim.AdamW`` passed in (``zero_allow_untested_optimizer``): a
+  DeepSpeed-config optimizer would JIT-compile a C++ op for minutes on CPU. fp16/bf16 are off in
+  the DeepSpeed config: mixed precision is bf16 autocast around the forward pass, with fp32
+  master weights, which works the same on CPU and GPU.
+- ``DDPStrategy`` (``ddp``): torch ``DistributedDataParallel`` (the baseline DeepSpeed is
+  measured against).
 
 Checkpoints are folders: every rank writes its own files into its own local folder (DeepSpeed's
 per-rank ZeRO shards, one RNG file per rank); Ray Train merges them in storage. Our own files
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from typing import Any
 
@@ -69,21 +72,24 @@ def deepspeed_config(
     }
 
 
-class Strategy:
-    """One training process's view of the distributed backend."""
+class Strategy(ABC):
+    """One training process's view of the distributed backend (the interface the loop uses).
+
+    The shared part lives here: rank, world size and device, bf16 autocast, the loss of a batch,
+    collectives (``all_reduce``, ``all_gather_object``, ``barrier``) and each rank's RNG file in a
+    checkpoint. A backend subclass wraps the model and owns backward, step and its own
+    checkpoint files. Build one with ``make_strategy``.
+    """
+
+    kind: str = ""
 
     def __init__(
-        self, kind: str = "deepspeed", *, zero_stage: int = 2, offload_optimizer: bool = False,
-        offload_params: bool = False, bf16: bool = False, batch_size: int = 1, grad_accum: int = 1,
-        grad_clip: float = 1.0, use_gpu: bool = False,
+        self, *, bf16: bool = False, batch_size: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
+        use_gpu: bool = False,
     ):
         import torch
         import torch.distributed as dist
 
-        self.kind = kind
-        self.zero_stage = zero_stage
-        self.offload_optimizer = offload_optimizer
-        self.offload_params = offload_params
         self.bf16 = bf16
         self.batch_size = batch_size
         self.grad_accum = grad_accum
@@ -102,40 +108,34 @@ class Strategy:
         self.scheduler = None
         self._micro = 0
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ backend
 
+    @abstractmethod
     def setup(self, model, optimizer, scheduler):
         """Wrap model/optimizer/scheduler for the backend. Returns the wrapped model."""
-        if self.kind == "deepspeed":
-            import deepspeed
 
-            cfg = deepspeed_config(
-                zero_stage=self.zero_stage, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                world_size=self.world_size, grad_clip=self.grad_clip,
-                offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
-            )
-            engine, opt, _, sched = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
-                dist_init_required=False,
-            )
-            self.model, self.optimizer, self.scheduler = engine, opt, sched
-        else:
-            from torch.nn.parallel import DistributedDataParallel
+    @abstractmethod
+    def backward(self, loss) -> None:
+        """Backward of one micro-batch's loss (scaled by 1/grad_accum)."""
 
-            model.to(self.device)
-            if self.distributed:
-                model = DistributedDataParallel(
-                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-                )
-            self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        return self.model
+    @abstractmethod
+    def step(self) -> bool:
+        """After each micro-batch. Returns True when an optimizer step happened."""
+
+    @abstractmethod
+    def _save_state(self, directory: str, client_state: dict[str, Any], trainable_only: bool) -> None:
+        """Collective: the backend's own checkpoint files."""
+
+    @abstractmethod
+    def _load_state(self, directory: str) -> dict[str, Any]:
+        """Restore model, optimizer and scheduler; returns the client state."""
+
+    # ------------------------------------------------------------------ compute
 
     @property
     def module(self):
         """The unwrapped model (e.g. a PeftModel)."""
         return self.model.module if hasattr(self.model, "module") else self.model
-
-    # ------------------------------------------------------------------ compute
 
     def autocast(self):
         import torch
@@ -151,38 +151,6 @@ class Strategy:
             out = self.model(**batch)
         return out.loss
 
-    def backward(self, loss) -> None:
-        if self.kind == "deepspeed":
-            self.model.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
-            return
-        ctx = nullcontext()
-        boundary = (self._micro + 1) % self.grad_accum == 0
-        if self.distributed and not boundary:
-            ctx = self.model.no_sync()
-        with ctx:
-            (loss / self.grad_accum).backward()
-
-    def step(self) -> bool:
-        """After each micro-batch. Returns True when an optimizer step happened."""
-        import torch
-
-        self._micro += 1
-        if self.kind == "deepspeed":
-            boundary = self.model.is_gradient_accumulation_boundary()
-            self.model.step()
-            return boundary
-        if self._micro % self.grad_accum:
-            return False
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.grad_clip
-            )
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return True
-
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -191,13 +159,17 @@ class Strategy:
 
     # ------------------------------------------------------------------ collectives
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """``values`` reduced element-wise over the ranks (float64): ``op`` is sum, max or min."""
         import torch
         import torch.distributed as dist
 
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        if op not in ops:
+            raise ValueError(f"all_reduce: unknown op {op!r} (expected one of {', '.join(ops)})")
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=ops[op])
         return t.tolist()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -224,12 +196,113 @@ class Strategy:
 
         os.makedirs(directory, exist_ok=True)
         torch.save(_rng_state(), os.path.join(directory, f"rng_rank{self.rank}.pt"))
-        if self.kind == "deepspeed":
-            self.model.save_checkpoint(
-                directory, tag=DS_TAG, client_state=client_state,
-                exclude_frozen_parameters=trainable_only,
+        self._save_state(directory, client_state, trainable_only)
+
+    def load(self, directory: str) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
+        import torch
+
+        client_state = self._load_state(directory)
+        rng = os.path.join(directory, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):
+            _set_rng_state(torch.load(rng, weights_only=True))
+        return dict(client_state)
+
+
+class DeepSpeedStrategy(Strategy):
+    """DeepSpeed ZeRO 0-3 (+ optional CPU offload) over the process group Ray Train made."""
+
+    kind = "deepspeed"
+
+    def __init__(self, *, zero_stage: int = 2, offload_optimizer: bool = False, offload_params: bool = False,
+                 **common):
+        super().__init__(**common)
+        self.zero_stage = zero_stage
+        self.offload_optimizer = offload_optimizer
+        self.offload_params = offload_params
+
+    def setup(self, model, optimizer, scheduler):
+        import deepspeed
+
+        cfg = deepspeed_config(
+            zero_stage=self.zero_stage, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            world_size=self.world_size, grad_clip=self.grad_clip,
+            offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
+        )
+        engine, opt, _, sched = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
+            dist_init_required=False,
+        )
+        self.model, self.optimizer, self.scheduler = engine, opt, sched
+        return self.model
+
+    def backward(self, loss) -> None:
+        self.model.backward(loss)  # DeepSpeed scales by 1/grad_accum itself
+
+    def step(self) -> bool:
+        self._micro += 1
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.step()
+        return boundary
+
+    def _save_state(self, directory: str, client_state: dict[str, Any], trainable_only: bool) -> None:
+        self.model.save_checkpoint(
+            directory, tag=DS_TAG, client_state=client_state, exclude_frozen_parameters=trainable_only,
+        )
+
+    def _load_state(self, directory: str) -> dict[str, Any]:
+        _, client_state = self.model.load_checkpoint(
+            directory, tag=DS_TAG, load_module_strict=False,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+        if client_state is None:
+            raise RuntimeError(f"{directory}: not a DeepSpeed checkpoint (tag {DS_TAG!r})")
+        return client_state
+
+
+class DDPStrategy(Strategy):
+    """torch ``DistributedDataParallel``: the baseline DeepSpeed is measured against."""
+
+    kind = "ddp"
+
+    def setup(self, model, optimizer, scheduler):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.to(self.device)
+        if self.distributed:
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-            return
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return self.model
+
+    def backward(self, loss) -> None:
+        ctx = nullcontext()
+        boundary = (self._micro + 1) % self.grad_accum == 0
+        if self.distributed and not boundary:
+            ctx = self.model.no_sync()  # gradients are summed over ranks once, at the boundary
+        with ctx:
+            (loss / self.grad_accum).backward()
+
+    def step(self) -> bool:
+        import torch
+
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return False
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.grad_clip
+            )
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _save_state(self, directory: str, client_state: dict[str, Any], trainable_only: bool) -> None:
+        import torch
+
         if self.rank == 0:
             module = self.module
             state = module.state_dict()
@@ -244,33 +317,32 @@ class Strategy:
             )
         self.barrier()
 
-    def load(self, directory: str) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
+    def _load_state(self, directory: str) -> dict[str, Any]:
         import torch
 
-        if self.kind == "deepspeed":
-            _, client_state = self.model.load_checkpoint(
-                directory, tag=DS_TAG, load_module_strict=False,
-                load_optimizer_states=True, load_lr_scheduler_states=True,
-            )
-            if client_state is None:
-                raise RuntimeError(f"{directory}: not a DeepSpeed checkpoint (tag {DS_TAG!r})")
-        else:
-            state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device,
-                               weights_only=True)
-            missing = set(state["model"]) - set(self.module.state_dict())
-            if missing:
-                raise RuntimeError(f"{directory}: checkpoint has unknown weights {sorted(missing)[:3]}")
-            self.module.load_state_dict(state["model"], strict=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None and state["scheduler"] is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            self._micro = state["micro"]
-            client_state = state["client_state"]
-        rng = os.path.join(directory, f"rng_rank{self.rank}.pt")
-        if os.path.exists(rng):
-            _set_rng_state(torch.load(rng, weights_only=True))
-        return dict(client_state)
+        state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device,
+                           weights_only=True)
+        missing = set(state["model"]) - set(self.module.state_dict())
+        if missing:
+            raise RuntimeError(f"{directory}: checkpoint has unknown weights {sorted(missing)[:3]}")
+        self.module.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self._micro = state["micro"]
+        return state["client_state"]
+
+
+def make_strategy(d, *, bf16: bool, use_gpu: bool) -> Strategy:
+    """The strategy ``DistillConfig`` ``d`` names (``d.strategy``), configured from it."""
+    common = dict(bf16=bf16, batch_size=d.batch_size, grad_accum=d.grad_accum, grad_clip=d.grad_clip,
+                  use_gpu=use_gpu)
+    if d.strategy == "deepspeed":
+        return DeepSpeedStrategy(zero_stage=d.zero_stage, offload_optimizer=d.offload_optimizer,
+                                 offload_params=d.offload_params, **common)
+    if d.strategy == "ddp":
+        return DDPStrategy(**common)
+    raise ValueError(f"distill.strategy={d.strategy!r}: expected deepspeed or ddp")
 
 
 def _rng_state() -> dict[str, Any]:
