@@ -2,14 +2,28 @@
 
 Merge order of a run's hyper-parameters (later wins):
 ``slim_ray/rec/defaults/<backbone>.yaml`` < the explicit fields below (when not None) <
-``rec.params`` (any key of the backbone YAML).
+``rec.params`` (any key of the backbone YAML). The YAML files stay data; the merged result is
+validated by the backbone's pydantic model (``SASRecParams``, ``GRU4RecParams``, ``SRGNNParams``)
+when the config is loaded, so a misspelt key or a wrong type fails before any run starts, naming
+the key.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import copy
+import functools
+import os
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from slim_ray.configbase import StageConfig
 
@@ -44,6 +58,127 @@ def parse_variant(spec: str) -> tuple[str, Optional[str]]:
 
 def variant_name(mode: str, role: Optional[str]) -> str:
     return mode if role is None else f"{mode}:{role}"
+
+
+# --------------------------------------------------------------------------- backbone hyper-parameters
+
+DEFAULTS_DIR = os.path.join(os.path.dirname(__file__), "defaults")
+# rec.* fields that override the backbone YAML when set
+EXPLICIT = ("epochs", "patience", "loss", "num_negatives", "batch_size", "lr", "max_len", "hidden")
+# rec.params keys every backbone accepts without a YAML default (absent: the behaviour named here)
+OPTIONAL_PARAMS = {
+    "prefixes_per_user": "with train_on=prefixes: every prefix of every user",
+    "linear_init_std": "PyTorch's default initialisation of every linear and attention layer",
+}
+TRAIN_ON = ("all_positions", "prefixes")
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # a float field would take True as 1.0
+        raise ValueError("expected a number, got a boolean")
+    return v
+
+
+# Counts are strict (64.0, "64" and true are refused); reals take ints and YAML's "1e-3" strings.
+Count = Annotated[int, Field(strict=True, ge=1)]
+Real = Annotated[float, BeforeValidator(_not_bool)]
+
+
+class BackboneParams(BaseModel):
+    """The keys every backbone's hyper-parameters have (values come from its YAML, no defaults here)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden: Annotated[Count, Field(ge=4)]
+    dropout: Annotated[Real, Field(ge=0.0, lt=1.0)]
+    max_len: Annotated[Count, Field(ge=2)]
+    loss: Literal["bce", "softmax"]
+    num_negatives: Count
+    lr: Annotated[Real, Field(gt=0.0)]
+    weight_decay: Annotated[Real, Field(ge=0.0)]
+    batch_size: Count
+    epochs: Count
+    patience: Count
+    train_on: Literal["all_positions", "prefixes"]
+    prefixes_per_user: Optional[Count] = None
+    linear_init_std: Optional[Annotated[Real, Field(gt=0.0)]] = None
+
+
+class SASRecParams(BackboneParams):
+    num_layers: Count
+    num_heads: Count
+    inner: Count
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "SASRecParams":
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by num_heads={self.num_heads}")
+        return self
+
+
+class GRU4RecParams(BackboneParams):
+    gru_hidden: Count
+    num_layers: Count
+
+
+class SRGNNParams(BackboneParams):
+    step: Count
+
+
+BACKBONE_PARAMS: dict[str, type[BackboneParams]] = {
+    "sasrec": SASRecParams, "gru4rec": GRU4RecParams, "srgnn": SRGNNParams,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _read_defaults(backbone: str) -> dict[str, Any]:
+    import yaml
+
+    with open(os.path.join(DEFAULTS_DIR, f"{backbone}.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def backbone_defaults(backbone: str) -> dict[str, Any]:
+    """The packaged YAML of a backbone (part of the code, not run data); a fresh copy."""
+    return copy.deepcopy(_read_defaults(backbone))
+
+
+def validate_hparams(backbone: str, hp: dict[str, Any], source=None) -> BackboneParams:
+    """``hp`` checked by the backbone's model. Raises ValueError naming the key: ``source(key)``
+    says where a key came from (default ``rec.params.<key>``)."""
+    model = BACKBONE_PARAMS[backbone]
+    where = source or (lambda k: f"rec.params.{k}")
+    unknown = sorted(set(hp) - set(model.model_fields))
+    if unknown:
+        raise ValueError(f"rec.params: unknown key(s) {unknown} for backbone {backbone} "
+                         f"(known: {', '.join(sorted(model.model_fields))})")
+    try:
+        return model.model_validate(hp)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                key = str(err["loc"][0])
+                problems.append(f"{where(key)}={hp.get(key)!r} for backbone {backbone}: {msg}")
+            else:
+                problems.append(f"rec.params for backbone {backbone}: {msg}")
+        raise ValueError("; ".join(problems)) from None
+
+
+def resolve_hparams(rc: "RecConfig", backbone: str) -> dict[str, Any]:
+    """Backbone YAML < explicit rec.* fields < rec.params, validated by the backbone's model.
+    Returns the merged values as given (what run fingerprints hash), not the model's dump."""
+    hp = backbone_defaults(backbone)
+    origin = {k: f"slim_ray/rec/defaults/{backbone}.yaml: {k}" for k in hp}
+    for k in EXPLICIT:
+        v = getattr(rc, k)
+        if v is not None:
+            hp[k], origin[k] = v, f"rec.{k}"
+    hp.update(rc.params)
+    origin.update({k: f"rec.params.{k}" for k in rc.params})
+    validate_hparams(backbone, hp, lambda k: origin.get(k, f"rec.params.{k}"))
+    return hp
 
 
 def _as_list(v: Any) -> list:
@@ -130,6 +265,13 @@ class RecConfig(StageConfig):
         for m in _as_list(v):
             parse_variant(m)
         return v
+
+    @model_validator(mode="after")
+    def _check_hparams(self) -> "RecConfig":
+        """Every swept backbone's merged hyper-parameters are valid (fails at load, naming the key)."""
+        for b in self.backbones:
+            resolve_hparams(self, b)
+        return self
 
     @property
     def backbones(self) -> list[str]:

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from rec_testdata import cyclic_sequences, synthetic_run
+from rec_testdata import synthetic_run
 from slim_ray.config import ConfigError, load_config
 from slim_ray.rec import data as rd
-from slim_ray.rec.config import parse_variant
+from slim_ray.rec.config import backbone_defaults, parse_variant, resolve_hparams, validate_hparams
 from slim_ray.rec.fusion import SeqRec
+from slim_ray.rec.models import build_backbone
 from slim_ray.rec.models.srgnn import session_graph
-from slim_ray.rec.train import resolve_hparams, run_spec
+from slim_ray.rec.train import run_spec
 
 BACKBONES = ["sasrec", "gru4rec", "srgnn"]
 MODES = ["id", "id_text", "slim", "text"]
@@ -46,17 +47,45 @@ def test_variant_spelling_and_hparam_merge_order():
     assert hp["lr"] == 0.01 and hp["dropout"] == 0.5 and hp["num_heads"] == 2
     spec = run_spec(cfg, "srgnn", "slim", "teacher", 1)
     assert spec["user_embeddings"].endswith("embeddings/teacher")
+    assert spec["hp"] == resolve_hparams(cfg.rec, "srgnn") and spec["hp"]["lr"] == 0.01
     with pytest.raises(ConfigError, match="unknown backbone"):
         load_config(None, ["rec.backbone=bert4rec"])
-    bad = load_config(None, ["rec.params={num_headz: 3}"])
-    with pytest.raises(ValueError, match="num_headz"):
-        resolve_hparams(bad.rec, "sasrec")
-    with pytest.raises(ValueError, match="train_on='prefix'.*all_positions, prefixes"):
-        resolve_hparams(load_config(None, ["rec.params={train_on: prefix}"]).rec, "sasrec")
     # optional keys without a YAML default: absent by default (existing runs keep their fingerprint)
     assert "prefixes_per_user" not in hp and "linear_init_std" not in hp
     hp = resolve_hparams(load_config(None, ["rec.params={train_on: prefixes, prefixes_per_user: null}"]).rec, "sasrec")
     assert hp["train_on"] == "prefixes" and hp["prefixes_per_user"] is None
+
+
+def test_backbone_params_refuse_a_misspelt_key_and_a_wrong_type_naming_the_key():
+    """Each backbone's merged hyper-parameters go through its pydantic model when the config loads."""
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['num_headz'\] for backbone sasrec"):
+        load_config(None, ["rec.params={num_headz: 3}"])
+    with pytest.raises(ConfigError, match=r"rec.params.dropout='high' for backbone sasrec: .*valid number"):
+        load_config(None, ["rec.params={dropout: high}"])
+    with pytest.raises(ConfigError, match=r"rec.params.num_layers=2.5 for backbone gru4rec: .*valid integer"):
+        load_config(None, ["rec.backbone=gru4rec", "rec.params={num_layers: 2.5}"])
+    with pytest.raises(ConfigError, match=r"rec.params.step=True for backbone srgnn: .*valid integer"):
+        load_config(None, ["rec.backbone=srgnn", "rec.params={step: true}"])
+    with pytest.raises(ConfigError,
+                       match=r"rec.params.train_on='prefix' for backbone sasrec: .*'all_positions' or 'prefixes'"):
+        load_config(None, ["rec.params={train_on: prefix}"])
+    with pytest.raises(ConfigError, match=r"hidden=64 is not divisible by num_heads=3"):
+        load_config(None, ["rec.params={num_heads: 3}"])
+    # a key of one swept backbone is unknown to another: named with the backbone that refuses it
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['inner'\] for backbone gru4rec"):
+        load_config(None, ["rec.backbone=[sasrec,gru4rec]", "rec.params={inner: 32}"])
+    # a valid override passes and is returned as given (run fingerprints hash these values)
+    hp = resolve_hparams(load_config(None, ["rec.params={lr: 1e-3, dropout: 0}"]).rec, "sasrec")
+    assert hp == {**backbone_defaults("sasrec"), "lr": "1e-3", "dropout": 0}
+    # the packaged defaults are valid for their own backbone, and only for it
+    for b in BACKBONES:
+        assert validate_hparams(b, backbone_defaults(b)).hidden == 64
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['gru_hidden'\] for backbone sasrec"):
+        validate_hparams("sasrec", backbone_defaults("gru4rec"))
+    # a run spec or checkpoint hp is checked again when the backbone is built
+    with pytest.raises(ValueError, match=r"rec.params.inner='wide' for backbone sasrec"):
+        build_backbone("sasrec", {**backbone_defaults("sasrec"), "inner": "wide"})
+    assert build_backbone("gru4rec", backbone_defaults("gru4rec")).gru.hidden_size == 128
 
 
 def test_linear_init_std_replaces_pytorch_defaults():

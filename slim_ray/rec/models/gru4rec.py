@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from slim_ray.rec.config import GRU4RecParams
 
 
 class GRU4Rec(nn.Module):
     all_positions = True
 
-    def __init__(self, hp: dict[str, Any]):
+    def __init__(self, p: GRU4RecParams):
         super().__init__()
-        d, h = int(hp["hidden"]), int(hp["gru_hidden"])
-        self.drop = nn.Dropout(float(hp["dropout"]))
-        self.gru = nn.GRU(d, h, int(hp["num_layers"]), batch_first=True, bias=False)
+        d, h = p.hidden, p.gru_hidden
+        self.drop = nn.Dropout(p.dropout)
+        self.gru = nn.GRU(d, h, p.num_layers, batch_first=True, bias=False)
         self.dense = nn.Linear(h, d)
 
     def forward(self, emb: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

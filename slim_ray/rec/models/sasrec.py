@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from slim_ray.rec.config import SASRecParams
 
 
 class SASRec(nn.Module):
     all_positions = True
 
-    def __init__(self, hp: dict[str, Any]):
+    def __init__(self, p: SASRecParams):
         super().__init__()
-        d = int(hp["hidden"])
-        self.pos = nn.Embedding(int(hp["max_len"]), d)
+        d = p.hidden
+        self.pos = nn.Embedding(p.max_len, d)
         self.norm = nn.LayerNorm(d, eps=1e-12)
-        self.drop = nn.Dropout(float(hp["dropout"]))
+        self.drop = nn.Dropout(p.dropout)
         layer = nn.TransformerEncoderLayer(
-            d, int(hp["num_heads"]), int(hp["inner"]), float(hp["dropout"]),
+            d, p.num_heads, p.inner, p.dropout,
             activation="gelu", batch_first=True, norm_first=False, layer_norm_eps=1e-12,
         )
-        self.blocks = nn.TransformerEncoder(layer, int(hp["num_layers"]), enable_nested_tensor=False)
+        self.blocks = nn.TransformerEncoder(layer, p.num_layers, enable_nested_tensor=False)
 
     def forward(self, emb: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         L = emb.shape[1]

@@ -9,11 +9,12 @@ repeated items, never as parameters, so SR-GNN works in the ID-agnostic mode too
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from slim_ray.rec.config import SRGNNParams
 
 
 class GNNCell(nn.Module):
@@ -69,11 +70,11 @@ def session_graph(seq: torch.Tensor, lens: torch.Tensor):
 class SRGNN(nn.Module):
     all_positions = False
 
-    def __init__(self, hp: dict[str, Any]):
+    def __init__(self, p: SRGNNParams):
         super().__init__()
-        d = int(hp["hidden"])
-        self.gnn = GNNCell(d, int(hp["step"]))
-        self.drop = nn.Dropout(float(hp["dropout"]))
+        d = p.hidden
+        self.gnn = GNNCell(d, p.step)
+        self.drop = nn.Dropout(p.dropout)
         self.lin1 = nn.Linear(d, d)
         self.lin2 = nn.Linear(d, d)
         self.lin3 = nn.Linear(d, 1, bias=False)
