@@ -145,7 +145,7 @@ def _dedup(group: pa.Table) -> pa.Table:
     return dedup_rows(group)
 
 
-def _kcore(batch: pa.Table, ua_ref, ia_ref) -> pa.Table:
+def _kcore_counts(batch: pa.Table, ua_ref, ia_ref) -> pa.Table:
     import ray
 
     from slim_ray.data.prepare import kcore_counts
@@ -282,123 +282,40 @@ def _run_prepare(cfg) -> dict[str, Any]:
 
 
 def _pipeline(cfg, inter_spec: TableSpec, item_spec: Optional[TableSpec], log, clock: _Clock) -> dict[str, Any]:
+    """The six phases in order; each lap of ``clock`` is one phase's seconds in the summary."""
     import ray
 
-    from slim_ray.data.prepare import KCore, finish_items, ordered_vocab
-
     d = cfg.data
-    lap = clock.lap
-    inter_files, item_files = inter_spec.files, (item_spec.files if item_spec else [])
-
-    # 1. parse (parallel over pieces), keep in the object store
-    pieces = plan_pieces(inter_spec)
-    raw = (
-        ray.data.from_items(pieces, override_num_blocks=len(pieces))
-        .map_batches(_parse_interactions, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs={"spec": inter_spec, "log": log})
-        .materialize()
-    )
-    n_raw = raw.count()
-    lap("read")
-    if n_raw == 0:
-        raise BadInputError(f"{', '.join(inter_files)}: no interactions could be read")
-
-    # 2. vocabularies (only distinct keys reach the driver)
-    from slim_ray.data.prepare import unique_keys
-
-    users, items = _KeySet(), _KeySet()
-    for b in raw.map_batches(unique_keys, batch_size=None, batch_format="pyarrow").iter_batches(
-        batch_format="pyarrow", batch_size=None
-    ):
-        m = b.column("is_user").to_numpy(zero_copy_only=False)
-        users.add(b.column("key").filter(pa.array(m)))
-        items.add(b.column("key").filter(pa.array(~m)))
-    user_vocab = ordered_vocab(users.keys())
-    item_vocab = ordered_vocab(items.keys())
-    raw_users, raw_items = len(user_vocab), len(item_vocab)
-    if d.max_users is not None:
-        user_vocab = user_vocab.slice(0, d.max_users)
-    lap("vocab")
-
-    # 3. encode to ints, bucket users into contiguous ranges
+    inter_files = inter_spec.files
+    raw, n_raw = _read_interactions(inter_spec, log)
+    clock.lap("read")
+    vocab = _vocabularies(raw, d.max_users)
+    clock.lap("vocab")
     num_buckets = d.num_buckets or max(1, -(-n_raw // ROWS_PER_BUCKET))
-    uv_ref, iv_ref = ray.put(user_vocab), ray.put(item_vocab)
-    enc = raw.map_batches(_encode, batch_size=None, batch_format="pyarrow",
-                          fn_kwargs={"uv_ref": uv_ref, "iv_ref": iv_ref, "num_buckets": num_buckets,
-                                     "min_rating": d.min_rating})
-    if d.dedup:
-        enc = _by_bucket(enc, num_buckets, _dedup, {})
-    enc = enc.materialize()
-    del raw
+    uv_ref, iv_ref = ray.put(vocab["users"]), ray.put(vocab["items"])
+    enc = _encode_interactions(raw, d, uv_ref, iv_ref, num_buckets)
+    del raw  # the encoded copy is materialised: free the parsed strings
     n_enc = enc.count()
-    lap("encode")
+    clock.lap("encode")
     if n_enc == 0:
         raise BadInputError(f"{', '.join(inter_files)}: no interactions left after min_rating/max_users")
-
-    # 4. iterative k-core: each pass sends only sparse counts to the driver
-    kc = KCore(len(user_vocab), len(item_vocab), d.min_user_count, d.min_item_count)
-    while True:
-        ua_ref, ia_ref = ray.put(kc.user_alive), ray.put(kc.item_alive)
-        for b in enc.map_batches(_kcore, batch_size=None, batch_format="pyarrow",
-                                 fn_kwargs={"ua_ref": ua_ref, "ia_ref": ia_ref}).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        ):
-            kc.add(b)
-        if kc.step():
-            break
-    kc.check_not_empty(", ".join(inter_files), d.max_users)
+    kc = _kcore(enc, d, len(vocab["users"]), len(vocab["items"]), inter_files)
     user_new, item_new = kc.new_ids()
     n_users, n_items = int(kc.user_alive.sum()), int(kc.item_alive.sum())
-    lap("kcore")
-
-    # 5. sequences: one shuffle by user bucket, each bucket builds and writes its own file
-    lay = cfg.layout
-    _forget_previous_run(lay.prepared)
-    storage.delete_dir(lay.sequences)
-    storage.delete_dir(lay.items)
-    un_ref, in_ref = ray.put(user_new), ray.put(item_new)
-    stats = _by_bucket(
-        enc, num_buckets, _build_and_write,
-        {"un_ref": un_ref, "in_ref": in_ref, "uv_ref": uv_ref, "max_seq_len": d.max_seq_len,
-         "out_dir": lay.sequences},
-    ).to_arrow_refs()
-    st = pa.concat_tables(ray.get(stats))
-    written_users = int(np.sum(st.column("users").to_numpy()))
-    kept = int(np.sum(st.column("kept").to_numpy()))
-    if written_users != n_users:
-        raise RuntimeError(f"wrote {written_users} users, expected {n_users}")
-    lap("sequences")
-
-    # 6. items: metadata of survivors only
-    vref, nref = iv_ref, in_ref
-    meta_parts = []
-    if item_spec is not None:
-        mpieces = plan_pieces(item_spec)
-        for b in (
-            ray.data.from_items(mpieces, override_num_blocks=len(mpieces))
-            .map_batches(_parse_items, batch_size=1, batch_format="pyarrow",
-                         fn_kwargs={"spec": item_spec, "log": log, "vocab_ref": vref, "item_new_ref": nref})
-            .iter_batches(batch_format="pyarrow", batch_size=None)
-        ):
-            meta_parts.append(b)
-    from slim_ray.data.readers import ITEM_META_SCHEMA
-
-    meta = (pa.concat_tables([p.select(ITEM_META_SCHEMA.names + ["item_id"]) for p in meta_parts])
-            if meta_parts else ITEM_META_SCHEMA.empty_table().append_column("item_id", pa.array([], pa.int64())))
-    items_table, info = finish_items(
-        meta, item_vocab, item_new, fields=tuple(d.text_fields),
-        category_label="Genres" if d.source == "movielens" else "Categories",
-        max_title_chars=d.max_title_chars, max_description_chars=d.max_description_chars,
-    )
-    storage.write_table(items_table, storage.join(lay.items, "part-00000.parquet"))
-    lap("items")
+    clock.lap("kcore")
+    in_ref = ray.put(item_new)
+    st = _write_sequences(cfg, enc, num_buckets, ray.put(user_new), in_ref, uv_ref, n_users)
+    clock.lap("sequences")
+    info = _write_items(cfg, item_spec, log, iv_ref, in_ref, vocab["items"], item_new)
+    clock.lap("items")
 
     skipped, examples = ray.get(log.summary.remote())
+    all_files = inter_files + (item_spec.files if item_spec else [])
+    kept = int(np.sum(st.column("kept").to_numpy()))
     return {
         "source": d.source,
-        "inputs": (inter_files + item_files)[:10] + ([f"... {len(inter_files + item_files) - 10} more"]
-                                                     if len(inter_files + item_files) > 10 else []),
-        "raw": {"interactions": n_raw, "users": raw_users, "items": raw_items},
+        "inputs": all_files[:10] + ([f"... {len(all_files) - 10} more"] if len(all_files) > 10 else []),
+        "raw": {"interactions": n_raw, "users": vocab["raw_users"], "items": vocab["raw_items"]},
         "after_filters": {"interactions": n_enc},
         "users": n_users,
         "items": n_items,
@@ -416,3 +333,119 @@ def _pipeline(cfg, inter_spec: TableSpec, item_spec: Optional[TableSpec], log, c
         "timings": clock.laps,
         "wall_seconds": round(time.time() - clock.t0, 2),
     }
+
+
+def _read_interactions(inter_spec: TableSpec, log):
+    """Phase 1: parse the raw pieces in parallel; the table stays in the object store."""
+    import ray
+
+    pieces = plan_pieces(inter_spec)
+    raw = (
+        ray.data.from_items(pieces, override_num_blocks=len(pieces))
+        .map_batches(_parse_interactions, batch_size=1, batch_format="pyarrow",
+                     fn_kwargs={"spec": inter_spec, "log": log})
+        .materialize()
+    )
+    n_raw = raw.count()
+    if n_raw == 0:
+        raise BadInputError(f"{', '.join(inter_spec.files)}: no interactions could be read")
+    return raw, n_raw
+
+
+def _vocabularies(raw, max_users: Optional[int]) -> dict[str, Any]:
+    """Phase 2: user and item vocabularies (only distinct keys reach the driver)."""
+    from slim_ray.data.prepare import ordered_vocab, unique_keys
+
+    users, items = _KeySet(), _KeySet()
+    for b in raw.map_batches(unique_keys, batch_size=None, batch_format="pyarrow").iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
+        m = b.column("is_user").to_numpy(zero_copy_only=False)
+        users.add(b.column("key").filter(pa.array(m)))
+        items.add(b.column("key").filter(pa.array(~m)))
+    user_vocab = ordered_vocab(users.keys())
+    item_vocab = ordered_vocab(items.keys())
+    out = {"raw_users": len(user_vocab), "raw_items": len(item_vocab), "items": item_vocab}
+    out["users"] = user_vocab.slice(0, max_users) if max_users is not None else user_vocab
+    return out
+
+
+def _encode_interactions(raw, d, uv_ref, iv_ref, num_buckets: int):
+    """Phase 3: ints (user_idx, item_idx, timestamp, ord, bucket), users bucketed in contiguous
+    ranges, duplicates dropped per bucket when ``data.dedup``; materialised."""
+    enc = raw.map_batches(_encode, batch_size=None, batch_format="pyarrow",
+                          fn_kwargs={"uv_ref": uv_ref, "iv_ref": iv_ref, "num_buckets": num_buckets,
+                                     "min_rating": d.min_rating})
+    if d.dedup:
+        enc = _by_bucket(enc, num_buckets, _dedup, {})
+    return enc.materialize()
+
+
+def _kcore(enc, d, n_user_vocab: int, n_item_vocab: int, inter_files: list[str]):
+    """Phase 4: iterative k-core; each pass sends only sparse counts to the driver."""
+    import ray
+
+    from slim_ray.data.prepare import KCore
+
+    kc = KCore(n_user_vocab, n_item_vocab, d.min_user_count, d.min_item_count)
+    while True:
+        ua_ref, ia_ref = ray.put(kc.user_alive), ray.put(kc.item_alive)
+        for b in enc.map_batches(_kcore_counts, batch_size=None, batch_format="pyarrow",
+                                 fn_kwargs={"ua_ref": ua_ref, "ia_ref": ia_ref}).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        ):
+            kc.add(b)
+        if kc.step():
+            break
+    kc.check_not_empty(", ".join(inter_files), d.max_users)
+    return kc
+
+
+def _write_sequences(cfg, enc, num_buckets: int, un_ref, in_ref, uv_ref, n_users: int) -> pa.Table:
+    """Phase 5: one shuffle by user bucket, each bucket builds and writes its own file. Returns
+    the per-bucket stats (users, kept interactions, node id)."""
+    import ray
+
+    lay = cfg.layout
+    _forget_previous_run(lay.prepared)
+    storage.delete_dir(lay.sequences)
+    storage.delete_dir(lay.items)
+    stats = _by_bucket(
+        enc, num_buckets, _build_and_write,
+        {"un_ref": un_ref, "in_ref": in_ref, "uv_ref": uv_ref, "max_seq_len": cfg.data.max_seq_len,
+         "out_dir": lay.sequences},
+    ).to_arrow_refs()
+    st = pa.concat_tables(ray.get(stats))
+    written_users = int(np.sum(st.column("users").to_numpy()))
+    if written_users != n_users:
+        raise RuntimeError(f"wrote {written_users} users, expected {n_users}")
+    return st
+
+
+def _write_items(cfg, item_spec: Optional[TableSpec], log, iv_ref, in_ref, item_vocab, item_new) -> dict[str, Any]:
+    """Phase 6: the items table, from the metadata of surviving items only."""
+    import ray
+
+    from slim_ray.data.prepare import finish_items
+    from slim_ray.data.readers import ITEM_META_SCHEMA
+
+    d = cfg.data
+    meta_parts = []
+    if item_spec is not None:
+        mpieces = plan_pieces(item_spec)
+        for b in (
+            ray.data.from_items(mpieces, override_num_blocks=len(mpieces))
+            .map_batches(_parse_items, batch_size=1, batch_format="pyarrow",
+                         fn_kwargs={"spec": item_spec, "log": log, "vocab_ref": iv_ref, "item_new_ref": in_ref})
+            .iter_batches(batch_format="pyarrow", batch_size=None)
+        ):
+            meta_parts.append(b)
+    meta = (pa.concat_tables([p.select(ITEM_META_SCHEMA.names + ["item_id"]) for p in meta_parts])
+            if meta_parts else ITEM_META_SCHEMA.empty_table().append_column("item_id", pa.array([], pa.int64())))
+    items_table, info = finish_items(
+        meta, item_vocab, item_new, fields=tuple(d.text_fields),
+        category_label="Genres" if d.source == "movielens" else "Categories",
+        max_title_chars=d.max_title_chars, max_description_chars=d.max_description_chars,
+    )
+    storage.write_table(items_table, storage.join(cfg.layout.items, "part-00000.parquet"))
+    return info

@@ -143,18 +143,49 @@ def build_dataset(
     prompt_builder=None,
 ) -> DistillData:
     """Pairs from pyarrow tables of the three contracts. Errors name ``source`` and the row.
-    ``prompt_builder``: (history -> messages, version); default ``student_prompt_builder()``."""
+    ``prompt_builder``: (history -> messages, version); default ``student_prompt_builder()``.
+
+    Phases: keep the usable rationales (``_usable_rows``), sample ``max_samples`` of them (seeded),
+    split users, tokenize (``_tokenize_pairs``), count."""
     build_prompt, prompt_version = prompt_builder or student_prompt_builder()
+    stats = {"rows": rationales.num_rows, "skipped_error": 0, "skipped_empty": 0,
+             "skipped_missing_steps": 0, "skipped_seen_items": 0, "skipped_too_long": 0,
+             "duplicate_users": 0, "truncated": 0}
+    usable = _usable_rows(rationales, sequences, items, stats, drop_missing_steps=drop_missing_steps,
+                          drop_seen_items=drop_seen_items, source=source)
+    if max_samples is not None and len(usable) > max_samples:
+        keep = sorted(np.random.default_rng(seed + 1).permutation(len(usable))[:max_samples])
+        usable = [usable[k] for k in keep]
+
+    held_out = split_users([r["user_id"] for r, _ in usable], eval_fraction, min_eval_users, seed)
+    train, evals, h = _tokenize_pairs(usable, held_out, build_prompt, tokenizer, max_length, stats)
+    h.update(json.dumps([max_length, prompt_version]).encode())
+
+    stats.update(
+        train=len(train), eval=len(evals),
+        train_tokens=sum(len(e.input_ids) for e in train),
+        train_target_tokens=sum(e.n_target for e in train),
+        eval_target_tokens=sum(e.n_target for e in evals),
+    )
+    if not train:
+        hint = ""
+        if stats["skipped_too_long"]:
+            hint = (" -- the student prompts alone exceed distill.max_length: raise it, or shorten p' "
+                    "(student.max_history_items / student.prompt_token_budget)")
+        raise ValueError(f"{source}: no usable teacher rationales for training (stats: {stats}){hint}")
+    return DistillData(train, evals, stats, h.hexdigest(), prompt_version)
+
+
+def _usable_rows(rationales, sequences, items, stats: dict[str, Any], *, drop_missing_steps: bool,
+                 drop_seen_items: bool, source: str) -> list[tuple[dict, list[dict]]]:
+    """(rationale row, history item rows) of every usable rationale, one per user (the first in
+    file order); skips are counted in ``stats``. A row that breaks a contract raises, naming it."""
     item_rows = {
         int(r["item_id"]): r for r in items.select(
             [c for c in ("item_id", "title", "categories", "year", "brand", "text") if c in items.column_names]
         ).to_pylist()
     }
     seqs = {int(r["user_id"]): r["item_ids"] for r in sequences.select(["user_id", "item_ids"]).to_pylist()}
-
-    stats = {"rows": rationales.num_rows, "skipped_error": 0, "skipped_empty": 0,
-             "skipped_missing_steps": 0, "skipped_seen_items": 0, "skipped_too_long": 0,
-             "duplicate_users": 0, "truncated": 0}
     rows = rationales.select(
         ["rationale_key", "user_id", "prefix_len", "text", "step1", "step2", "step3", "error"]
     ).to_pylist()
@@ -193,12 +224,13 @@ def build_dataset(
             continue
         seen_users.add(uid)
         usable.append((r, history))
+    return usable
 
-    if max_samples is not None and len(usable) > max_samples:
-        keep = sorted(np.random.default_rng(seed + 1).permutation(len(usable))[:max_samples])
-        usable = [usable[k] for k in keep]
 
-    held_out = split_users([r["user_id"] for r, _ in usable], eval_fraction, min_eval_users, seed)
+def _tokenize_pairs(usable, held_out: set[int], build_prompt, tokenizer, max_length: int,
+                    stats: dict[str, Any]):
+    """(train examples, held-out examples, data hash so far). Pairs whose rationale keeps fewer
+    than ``MIN_TARGET_TOKENS`` tokens after the cut are skipped as too long."""
     train, evals = [], []
     h = hashlib.sha256()
     for r, history in usable:
@@ -211,21 +243,7 @@ def build_dataset(
         h.update(json.dumps([r["rationale_key"], messages, r["text"], int(r["user_id"] in held_out)]).encode())
         ex = Example(int(r["user_id"]), ids, n_prompt, messages, r["text"])
         (evals if ex.user_id in held_out else train).append(ex)
-    h.update(json.dumps([max_length, prompt_version]).encode())
-
-    stats.update(
-        train=len(train), eval=len(evals),
-        train_tokens=sum(len(e.input_ids) for e in train),
-        train_target_tokens=sum(e.n_target for e in train),
-        eval_target_tokens=sum(e.n_target for e in evals),
-    )
-    if not train:
-        hint = ""
-        if stats["skipped_too_long"]:
-            hint = (" -- the student prompts alone exceed distill.max_length: raise it, or shorten p' "
-                    "(student.max_history_items / student.prompt_token_budget)")
-        raise ValueError(f"{source}: no usable teacher rationales for training (stats: {stats}){hint}")
-    return DistillData(train, evals, stats, h.hexdigest(), prompt_version)
+    return train, evals, h
 
 
 def load_dataset(cfg, tokenizer, tokenizer_path: Optional[str] = None) -> DistillData:
