@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 from typing import Optional
 
@@ -105,6 +107,10 @@ def _serve_llm(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C must stop a run even when the shell started us with SIGINT ignored (a background job):
+    # finished parts are kept and the same command resumes.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     try:

@@ -11,7 +11,8 @@ object. A stage output is *fresh* when its manifest says ``complete`` and its fi
 the one computed now from (stage name, the stage's config sections, input fingerprints, the hash
 of the source files the stage runs). The fingerprint of an input that is itself a stage output is
 that stage's fingerprint, so a change anywhere upstream -- config or code -- invalidates everything
-downstream. ``status: partial`` marks an output whose stage finished with failed rows: it is never
+downstream; and the files it lists (``outputs``) are still the ones it was written over, so a part
+damaged or removed after the stage finished makes it stale. ``status: partial`` marks an output whose stage finished with failed rows: it is never
 fresh, so the next run retries it.
 """
 
@@ -111,9 +112,17 @@ def stage_fingerprint(
     )
 
 
+def output_listing(out_dir: str) -> str:
+    """Identity of what a stage output holds (names, sizes, mtimes of its files, not the manifest
+    and config): a part truncated or removed after the manifest was written no longer matches."""
+    return _sha([list(x) for x in storage.tree_listing(out_dir, skip=(MANIFEST, CONFIG))])
+
+
 def is_fresh(out_dir: str, fingerprint: str) -> bool:
     m = read_manifest(out_dir)
-    return bool(m and m.get("status") == "complete" and m.get("fingerprint") == fingerprint)
+    if not (m and m.get("status") == "complete" and m.get("fingerprint") == fingerprint):
+        return False
+    return "outputs" not in m or m["outputs"] == output_listing(out_dir)
 
 
 def write_manifest(
@@ -135,6 +144,7 @@ def write_manifest(
         "code_version": code_version(),
         "inputs": {k: {"path": v, "fingerprint": fingerprint_path(v)} for k, v in inputs.items()},
         "summary": dict(summary),
+        "outputs": output_listing(out_dir),
     }
     storage.makedirs(out_dir)
     storage.write_text(storage.join(out_dir, CONFIG), config_yaml)

@@ -38,9 +38,15 @@ class StageConsole:
         self.log_path = log_uri  # what error lines name
 
     def record_failure(self, exc: BaseException) -> None:
-        with open(self.local_path, "a") as f:
-            f.write(f"\nstage '{self.stage}' failed:\n")
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+        """Append the full trace to the stage's log. A log that cannot be written (a full disk)
+        must not replace the stage's own error: then the error line names no log file."""
+        try:
+            with open(self.local_path, "a") as f:
+                f.write(f"\nstage '{self.stage}' failed:\n")
+                traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+        except OSError as e:
+            console(f"{self.stage}: could not write the trace to {self.local_path}: {e.strerror}")
+            self.log_path = None
 
 
 def _heartbeat(stage: str, t0: float, stop: threading.Event) -> None:

@@ -58,9 +58,14 @@ def test_manifest_written_and_fresh_stage_skipped(fake_stage, tmp_path):
 
     r2 = stages.run_stage("prepare", cfg)
     assert r2["skipped"] and len(CALLS) == 1
+    # A damaged output (a part truncated or replaced after the manifest was written) is not fresh.
+    with open(os.path.join(cfg.layout.prepared, "out.txt"), "w") as f:
+        f.write("")
+    assert not stages.run_stage("prepare", cfg)["skipped"] and len(CALLS) == 2
+    assert stages.run_stage("prepare", cfg)["skipped"] and len(CALLS) == 2
 
     stages.run_stage("prepare", cfg, force=True)
-    assert len(CALLS) == 2
+    assert len(CALLS) == 3
 
 
 def test_changed_input_or_config_reruns(fake_stage, tmp_path):
