@@ -29,47 +29,12 @@ import time
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
 from slim_ray import storage
 from slim_ray.rec.checkpoint import is_finished, write_run
-from slim_ray.rec.config import RecConfig, variant_name
+from slim_ray.rec.config import RecConfig, resolve_hparams, variant_name
 
 logger = logging.getLogger(__name__)
-
-DEFAULTS_DIR = os.path.join(os.path.dirname(__file__), "defaults")
-EXPLICIT = ("epochs", "patience", "loss", "num_negatives", "batch_size", "lr", "max_len", "hidden")
-# rec.params keys every backbone accepts without a YAML default (absent: the behaviour named here)
-OPTIONAL_PARAMS = {
-    "prefixes_per_user": "with train_on=prefixes: every prefix of every user",
-    "linear_init_std": "PyTorch's default initialisation of every linear and attention layer",
-}
-TRAIN_ON = ("all_positions", "prefixes")
-
-
-def backbone_defaults(backbone: str) -> dict[str, Any]:
-    """The packaged YAML of a backbone (part of the code, not run data)."""
-    with open(os.path.join(DEFAULTS_DIR, f"{backbone}.yaml")) as f:
-        return yaml.safe_load(f)
-
-
-def resolve_hparams(rc: RecConfig, backbone: str) -> dict[str, Any]:
-    """Backbone YAML < explicit rec.* fields < rec.params. Unknown params are an error."""
-    hp = backbone_defaults(backbone)
-    for k in EXPLICIT:
-        v = getattr(rc, k)
-        if v is not None:
-            hp[k] = v
-    unknown = sorted(set(rc.params) - set(hp) - set(OPTIONAL_PARAMS))
-    if unknown:
-        raise ValueError(f"rec.params: unknown key(s) {unknown} for backbone {backbone} "
-                         f"(known: {', '.join(sorted(set(hp) | set(OPTIONAL_PARAMS)))})")
-    hp.update(rc.params)
-    if hp["train_on"] not in TRAIN_ON:
-        raise ValueError(f"rec.params.train_on={hp['train_on']!r} for backbone {backbone}: "
-                         f"expected one of {', '.join(TRAIN_ON)}")
-    return hp
-
 
 def run_spec(cfg, backbone: str, mode: str, role: Optional[str], seed: int) -> dict[str, Any]:
     """Everything one run needs, as plain JSON (shipped to the Ray Train workers)."""
@@ -437,10 +402,3 @@ def fit_sweep(cfg, runs: list[tuple[dict[str, Any], str]]) -> float:
     trainer.fit()
     storage.delete_dir(storage.join(cfg.layout.rec, "_ray_train", name))
     return time.time() - t0
-
-
-def load_run(run_dir: str, map_location: str = "cpu"):
-    """Kept for callers of the old location; see ``slim_ray.rec.checkpoint.load_run``."""
-    from slim_ray.rec.checkpoint import load_run as _load_run
-
-    return _load_run(run_dir, map_location)

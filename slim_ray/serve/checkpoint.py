@@ -69,11 +69,9 @@ def find_run(cfg) -> str:
 
 
 def _load_run(local_dir: str):
-    """rec's loader: ``slim_ray.rec.checkpoint.load_run`` where it exists, else ``rec.train``'s."""
-    try:
-        from slim_ray.rec.checkpoint import load_run
-    except ImportError:
-        from slim_ray.rec.train import load_run
+    """rec's loader (``weights_only=True``)."""
+    from slim_ray.rec.checkpoint import load_run
+
     return load_run(local_dir)
 
 

@@ -7,7 +7,7 @@ import torch
 from rec_testdata import cyclic_sequences, tail_cuts, write_rationales
 from slim_ray.rec import data as rd
 from slim_ray.rec.fusion import SeqRec
-from slim_ray.rec.train import backbone_defaults
+from slim_ray.rec.config import backbone_defaults
 
 
 @pytest.fixture(scope="module")
