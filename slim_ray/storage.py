@@ -330,7 +330,8 @@ def ray_write_parquet(ds, uri: str, **kwargs: Any) -> None:
 CONTENT_INDEX = "_content.json"
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """sha256 of a local file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -349,7 +350,7 @@ def upload_dir(local_dir: str, uri: str) -> int:
             rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
             if rel == CONTENT_INDEX:
                 continue
-            index[rel] = _sha256_file(src)
+            index[rel] = sha256_file(src)
             if same_place:
                 continue
             fs, path = resolve(join(uri, rel))

@@ -16,7 +16,6 @@ the finished run with the best *validation* NDCG@10 (``meta.json``), never chose
 
 from __future__ import annotations
 
-import hashlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -75,13 +74,6 @@ def _load_run(local_dir: str):
     return load_run(local_dir)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 class CheckpointScorer:
     """A trained SeqRec run behind the ``Scorer`` interface of ``slim_ray.serve.recommender``."""
@@ -101,7 +93,7 @@ class CheckpointScorer:
         self.run_name = storage.basename(run_dir.rstrip("/"))
         self.name = f"checkpoint:{self.run_name}"
         #: content hash of the weights: the version a response reports
-        self.sha256 = file_sha256(os.path.join(local, "model.pt"))
+        self.sha256 = storage.sha256_file(os.path.join(local, "model.pt"))
         self.max_len = int(m["hp"]["max_len"])
         self.n_items = int(m["n_items"])
         with torch.no_grad():
