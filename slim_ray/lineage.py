@@ -114,8 +114,11 @@ def stage_fingerprint(
 
 def output_listing(out_dir: str) -> str:
     """Identity of what a stage output holds (names, sizes, mtimes of its files, not the manifest
-    and config): a part truncated or removed after the manifest was written no longer matches."""
-    return _sha([list(x) for x in storage.tree_listing(out_dir, skip=(MANIFEST, CONFIG))])
+    and config): a part truncated or removed after the manifest was written no longer matches.
+    Internal paths (a component starting with ``_`` or ``.``: Ray Train's run storage, temp files,
+    content indexes) are left out: Ray may still write there after the stage has returned."""
+    return _sha([list(x) for x in storage.tree_listing(out_dir, skip=(MANIFEST, CONFIG))
+                 if not any(p.startswith(("_", ".")) for p in x[0].split("/"))])
 
 
 def is_fresh(out_dir: str, fingerprint: str) -> bool:
