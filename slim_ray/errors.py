@@ -30,9 +30,29 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _last_error_line(exc: BaseException) -> str:
+    """The last ``SomeError: message`` line of a remote traceback embedded in a Ray error's text."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        for ln in reversed(lines):
+            head = ln.split(":", 1)[0]
+            if ":" in ln and head.replace(".", "").isidentifier() and head.endswith(("Error", "Exception")) \
+                    and not head.endswith("UserCodeException"):
+                return ln.split(":", 1)[1].strip() if head.endswith(("ValueError", "BadInputError")) else ln
+        nxt = getattr(exc, "cause", None)
+        exc = nxt if isinstance(nxt, BaseException) else exc.__cause__
+    return ""
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of the root cause's message (its type too when the message is bare)."""
     cause = root_cause(exc)
+    if type(cause).__name__ == "UserCodeException":  # Ray Data's wrapper; the cause's text is in the trace
+        found = _last_error_line(exc)
+        if found:
+            return found
     text = str(cause).strip()
     # A Ray wrapper that could not be unwrapped: its first line is "ray::Task() (pid=..)"; the
     # original message is the last line of the embedded traceback.

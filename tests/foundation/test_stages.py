@@ -111,6 +111,14 @@ def test_error_line_unwraps_ray_task_errors():
     wrapped = RayTaskError("map_batches", "Traceback ...\n  File x\nValueError: ...", inner)
     assert one_line(wrapped) == "reviews.json.gz: line 4915: malformed JSON"
     assert one_line(KeyError("user_id")) == "KeyError: 'user_id'"
+    # Ray Data's UserCodeException carries no cause across processes: the trace's last error line
+    from ray.exceptions import UserCodeException
+
+    trace = ("ray::MapBatches(PartWriter)() (pid=1, ip=127.0.0.1)\n  File \"w.py\", line 3, in write\n"
+             "OSError: [Errno 28] No space left on device: '/r/part-1.parquet'\n\n"
+             "ray.exceptions.UserCodeException: UDF failed to process a data block.")
+    udf = RayTaskError("MapBatches", trace, UserCodeException("UDF failed to process a data block."))
+    assert one_line(udf) == "OSError: [Errno 28] No space left on device: '/r/part-1.parquet'"
 
 
 def test_partial_stage_is_not_fresh_and_run_retries_it(monkeypatch, tmp_path):
