@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from slim_ray.data import splits
 from slim_ray.data.readers import ITEM_META_SCHEMA
 from slim_ray.data.schemas import ITEMS_SCHEMA, SEQUENCES_SCHEMA
 from slim_ray.data.text import clean_text, dedup_keep_order, render_text, split_title_year
@@ -214,10 +215,8 @@ def build_sequences(
 
 
 def leave_one_out(item_ids: list) -> tuple[list, object, object]:
-    """The split every stage uses: (training prefix, validation target, test target)."""
-    if len(item_ids) < 3:
-        raise ValueError(f"leave-one-out needs >= 3 interactions, got {len(item_ids)}")
-    return list(item_ids[:-2]), item_ids[-2], item_ids[-1]
+    """(training prefix, validation target, test target): ``slim_ray.data.splits``, the one cut."""
+    return splits.leave_one_out(list(item_ids))
 
 
 # --------------------------------------------------------------------------- items
