@@ -17,6 +17,7 @@ Nothing is loaded or started; the exit status is 0 when every check passes, 2 ot
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -99,6 +100,8 @@ def _resources(cfg: PipelineConfig, stage: str) -> str:
 
 
 def plan(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    # Raw inputs on the cluster's storage need not exist here; the prepare stage reports them.
+    logging.getLogger("slim_ray.data.stage").setLevel(logging.ERROR)
     return [
         {"stage": name, "output": STAGES[name].output(cfg), "inputs": STAGES[name].inputs(cfg),
          "resources": _resources(cfg, name)}
