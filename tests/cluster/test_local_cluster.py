@@ -156,6 +156,8 @@ def test_two_node_s3_job_survives_a_killed_driver_and_resubmits_fresh(s3_server,
         objects = storage.tree_listing(uri)
         report[name] = {"objects": len(objects), "node_ids": m["summary"].get("node_ids")}
     print("\nobjects and node ids per stage:", json.dumps(report, indent=1), f"\nwall {wall:.0f}s")
+    (tmp_path / "report.json").write_text(json.dumps({"stages": report, "wall_s": round(wall, 1),
+                                                      "submit_output": out2[-4000:]}, indent=1))
     for d in [ROOT, *st.get("RAY_TEMP_DIR", "").split(), *st.get("RAY_WORKER_TEMP_DIRS", "").split()]:
         hits = [r for r, dirs, _ in os.walk(d) if "s3:" in dirs] if d and os.path.isdir(d) else []
         assert not hits, hits
