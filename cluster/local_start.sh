@@ -104,11 +104,13 @@ start_workers() {
       return 0
     fi
     for w in $wpids; do
-      kill -0 "$w" 2>/dev/null || { echo "local_start: worker node $w exited; log:" >&2; tail -n 20 $wdirs >&2 2>/dev/null; exit 1; }
+      kill -0 "$w" 2>/dev/null || { echo "local_start: worker node $w exited; log:" >&2; tail -n 20 $wdirs >&2 2>/dev/null
+                                     "$HERE/local_stop.sh" "$STATE" >&2 || true; exit 1; }
     done
     sleep 1
   done
   echo "local_start: worker nodes did not join in time; see ${wdirs# }/ray_start.log" >&2
+  "$HERE/local_stop.sh" "$STATE" >&2 || true   # what did start (the head, the other nodes)
   exit 1
 }
 
