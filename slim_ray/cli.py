@@ -30,7 +30,6 @@ from slim_ray.runtime import is_local, pin_loopback
 from slim_ray.stages import PIPELINE_ORDER, STAGES, run_stage
 
 
-
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config`` and ``--set`` (shared by every command)."""
     parser.add_argument("--config", "-c", help="YAML config (see configs/).")
