@@ -9,7 +9,10 @@ log file that holds the full trace.
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Optional, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 # Types whose message says everything; others are named ("KeyError: 'x'").
 _SELF_EXPLAINING = (ValueError, FileNotFoundError, PermissionError, TimeoutError)
@@ -28,6 +31,25 @@ def root_cause(exc: BaseException) -> BaseException:
         else:
             break
     return exc
+
+
+def find_error(exc: BaseException, cls: type[E]) -> Optional[E]:
+    """A ``cls`` error behind a Ray / Ray Data exception chain (Ray's ``.cause``, ``__cause__``,
+    ``__context__``), re-created with the first line of its message; else one named in the text of
+    a remote trace (Ray Data's UserCodeException loses the chain on the way to the driver). None
+    when there is none. Stages use it to re-raise their own input errors without Ray's wrapping."""
+    seen: set[int] = set()
+    stack: list[Optional[BaseException]] = [exc]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, cls):
+            return cls(str(x.args[0] if x.args else x).split("\n")[0])
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    found = re.search(rf"{cls.__name__}: ([^\n]+)", str(exc))
+    return cls(found.group(1)) if found else None
 
 
 def _last_error_line(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from slim_ray import storage
+from slim_ray.errors import find_error
 from slim_ray.data.readers import (
     BadInputError,
     TableSpec,
@@ -209,22 +210,6 @@ def _forget_previous_run(prepared: str) -> None:
     storage.delete_file(storage.join(prepared, MANIFEST))
 
 
-def _unwrap(e: BaseException) -> Optional[BadInputError]:
-    """The BadInputError behind a Ray/Ray Data exception chain, if any."""
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, BadInputError):
-            msg = x.args[0] if x.args else str(x)
-            return BadInputError(str(msg).split("\n")[0] if "Traceback" in str(msg) else msg)
-        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
-    return None
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -243,7 +228,7 @@ def run_prepare(cfg) -> dict[str, Any]:
     except BadInputError:
         raise
     except Exception as e:
-        bad = _unwrap(e)
+        bad = find_error(e, BadInputError)
         if bad is not None:
             raise bad from None
         raise

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from typing import Any, Optional
 
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from slim_ray import storage
+from slim_ray.errors import find_error
 from slim_ray.data.schemas import ITEMS_SCHEMA, RATIONALES_SCHEMA, check_columns
 from slim_ray.encode import store
 from slim_ray.encode.encoder import EncoderActor, EncoderSpec
@@ -257,23 +257,6 @@ def encode_with_ray(inputs, kept_refs: dict, targets: list[tuple[str, str]], spe
 # --------------------------------------------------------------------------- the stage
 
 
-def _user_error(e: BaseException) -> Optional[EncodeInputError]:
-    """The EncodeInputError behind a Ray / Ray Data exception chain, if any."""
-    seen, stack = set(), [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, EncodeInputError):
-            return EncodeInputError(str(x.args[0] if x.args else x).split("\n")[0])
-        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
-    # Ray Data re-raises a task's exception as UserCodeException, whose chain is lost on the way
-    # to the driver; the original line is still in the traceback text.
-    found = re.search(r"EncodeInputError: ([^\n]+)", str(e))
-    return EncodeInputError(found.group(1)) if found else None
-
-
 def _gather_inputs(cfg, spec: EncoderSpec, summary: dict) -> tuple[Any, list[tuple[str, str, str]]]:
     """One materialised dataset (id, text, encode_key, target) of every output's inputs, and
     the outputs [(name, out_dir, kind)] in target order."""
@@ -302,7 +285,7 @@ def run_encode(cfg) -> dict[str, Any]:
     except EncodeInputError:
         raise
     except Exception as e:
-        bad = _user_error(e)
+        bad = find_error(e, EncodeInputError)
         if bad is not None:
             raise bad from None
         raise

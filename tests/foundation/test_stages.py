@@ -121,6 +121,27 @@ def test_error_line_unwraps_ray_task_errors():
     assert one_line(udf) == "OSError: [Errno 28] No space left on device: '/r/part-1.parquet'"
 
 
+def test_find_error_finds_a_stage_input_error_through_ray_wrappers():
+    """A stage re-raises its own input error, not Ray's wrapper: through the chain, or (chain lost
+    across processes) from the trace text."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from slim_ray.errors import find_error
+
+    class InputError(ValueError):
+        pass
+
+    try:
+        raise InputError("items.parquet: column 'title' missing\nmore")
+    except InputError as e:
+        chained = RayTaskError("map", "trace", e)
+    found = find_error(chained, InputError)
+    assert type(found) is InputError and str(found) == "items.parquet: column 'title' missing"
+    lost = RayTaskError("map", "x\nInputError: row 3: empty text\n", UserCodeException("UDF failed"))
+    assert str(find_error(lost, InputError)) == "row 3: empty text"
+    assert find_error(RuntimeError("other"), InputError) is None
+
+
 def test_partial_stage_is_not_fresh_and_run_retries_it(monkeypatch, tmp_path):
     from slim_ray.pipeline import run_pipeline
 
