@@ -331,12 +331,10 @@ CONTENT_INDEX = "_content.json"
 
 
 def sha256_file(path: str) -> str:
-    """sha256 of a local file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a local file (``assets.sha256_files`` of one file)."""
+    from slim_ray.assets import sha256_files
+
+    return sha256_files([path])
 
 
 def upload_dir(local_dir: str, uri: str) -> int:
@@ -382,10 +380,6 @@ def content_key(uri: str) -> str:
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("SLIM_RAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "slim_ray"))
-
-
 def local_copy(uri: str, cache_dir: Optional[str] = None) -> str:
     """A local folder holding the content of ``uri``: the folder itself when it is local, else a
     copy fetched once per node into ``<cache>/storage/<content key>/`` (written under a temp name
@@ -394,7 +388,9 @@ def local_copy(uri: str, cache_dir: Optional[str] = None) -> str:
         return normalize(uri)
     if not is_dir(uri):
         raise FileNotFoundError(f"{uri}: no such folder on storage")
-    root = os.path.join(cache_dir or default_cache_dir(), "storage")
+    from slim_ray.assets import cache_dir as slim_ray_cache
+
+    root = os.path.join(str(slim_ray_cache(cache_dir)), "storage")
     dst = os.path.join(root, f"{basename(uri)}-{content_key(uri)}")
     if os.path.isdir(dst):
         return dst
