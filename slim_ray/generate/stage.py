@@ -173,6 +173,7 @@ def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_ver
         "steps_found": [p.steps_found if p else 0 for p in parsed],
         "seen_items": [p.seen_items if p else [] for p in parsed],
         "engine": [engine] * n,
+        "node_id": batch["node_id"] if "node_id" in batch.column_names else [node_id()] * n,
     }
     table = pa.table({k: (v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, OUTPUT_SCHEMA.field(k).type))
                       for k, v in cols.items()})
@@ -382,7 +383,9 @@ def _finish(gen: GenerateConfig, role: str, p: dict, run: dict, tally) -> dict[s
             "share_recommending_seen_items": round(tot["seen"] / n_ok, 4) if n_ok else None,
             "mean_output_tokens": round(tot["output_tokens"] / n_ok, 1) if n_ok else None,
         },
-        "node_ids": sorted(set(prompt_nodes) | run["nodes"]),
+        # nodes that generated the folder's rows (across resumes), and those that worked this attempt
+        "node_ids": sorted(set(tot["node_ids"]) | set(prompt_nodes) | run["nodes"]),
+        "node_ids_this_run": sorted(set(prompt_nodes) | run["nodes"]),
         "out": p["out_dir"],
     }
 

@@ -43,6 +43,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("steps_found", pa.int64()),  # 0..3: how many of Step 1/2/3 the answer has
         pa.field("seen_items", pa.list_(pa.string())),  # history titles the answer recommends again
         pa.field("engine", pa.string()),
+        pa.field("node_id", pa.string()),  # the Ray node that generated the row (summary: nodes used)
     ]
 )
 
@@ -197,8 +198,12 @@ def folder_totals(out_dir: str, wanted: Optional[np.ndarray] = None) -> dict[str
     tot = {"rows": 0, "done_rows": 0, "failed_rows": 0, "prompt_tokens": 0, "output_tokens": 0,
            "all_three_steps": 0, "seen": 0}
     done_hashes = []
+    nodes: set[str] = set()
     for f in part_files(out_dir):
-        t = storage.read_parquet_file(f, columns=cols)
+        has_node = "node_id" in storage.parquet_schema(f).names  # parts written before the column existed
+        t = storage.read_parquet_file(f, columns=cols + ["node_id"] * has_node)
+        if has_node:
+            nodes.update(x for x in pc.unique(t["node_id"]).to_pylist() if x)
         is_err = _is_error(t)
         ok = t.filter(pa.array(~is_err))
         tot["rows"] += t.num_rows
@@ -213,4 +218,5 @@ def folder_totals(out_dir: str, wanted: Optional[np.ndarray] = None) -> dict[str
     if wanted is not None:
         have = np.unique(np.concatenate(done_hashes)) if done_hashes else np.zeros(0, dtype=np.int64)
         tot["missing_rows"] = int((~_isin(np.unique(wanted), have)).sum())
+    tot["node_ids"] = sorted(nodes)
     return tot

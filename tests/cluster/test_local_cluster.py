@@ -31,7 +31,7 @@ STAGES = ["prepare", "teach", "distill", "reason", "encode", "train", "evaluate"
 # quick.yaml, sized for two 2-CPU nodes on a 2-core machine: every stage still runs for real and
 # every distributed stage has two workers, so each can have one on each node.
 OVERRIDES = [
-    "data.max_users=60", "teacher.num_users=8", "teacher.num_workers=2", "teacher.max_new_tokens=24",
+    "data.max_users=60", "teacher.num_users=8", "teacher.num_workers=2", "teacher.batch_size=2", "teacher.max_new_tokens=24",
     "distill.num_workers=2", "distill.max_steps=2", "distill.checkpoint_every=2", "distill.num_samples=0",
     "student.num_workers=2", "student.max_new_tokens=16", "encode.num_actors=2",
     "rec.num_workers=2", "rec.epochs=1", "rec.backbone=sasrec", "ray.train_placement=SPREAD",

@@ -63,6 +63,8 @@ def test_teach_hf_contract_resume_and_retry(ray_session, tmp_path):
     assert (s["prompt_tokens_total"], s["output_tokens_total"]) == (tokens_in, tokens_out)
     assert len(part_files(out)) == 1  # parts are large: a 7-row run is one part
     assert len(s["node_ids"]) == 1 and len(s["node_ids"][0]) == 56  # the one local node
+    # every row records the node that generated it; the summary's node_ids are those of the folder
+    assert set(pq.read_table(part_files(out)[0], columns=["node_id"])["node_id"].to_pylist()) == set(s["node_ids"])
     assert s["output"]["rows"] == 7 and 0 <= s["output"]["share_all_three_steps"] <= 1
 
     # A row that failed (error set) is retried by the next run; the others are not generated again.
