@@ -1,14 +1,15 @@
 """Serve a trained recommender run (``slim_ray.rec``: ``rec/<backbone>-<mode>[-<role>]-s<seed>/``).
 
-``CheckpointScorer`` rebuilds the run with rec's own ``load_run`` (model.pt + meta.json; the
-weights load with ``torch.load(weights_only=True)``, never a pickle of arbitrary objects; text
+``CheckpointScorer`` rebuilds the run with rec's own ``SeqRec`` and ``meta.json`` (the weights
+load with ``torch.load(weights_only=True)``, never a pickle of arbitrary objects; text
 vectors are buffers inside model.pt, so the folder is self-contained) and scores histories exactly
 as the model does at evaluation (``SeqRec.last_user_vectors`` + ``item_table``), with one addition
 for serving: the rationale vector may come from the request (a fresh student rationale encoded by
 the encoder deployment) instead of the model's table of known users.
 
 The run folder may be on storage (``s3://...``): it is fetched once per node into the local cache
-(``storage.local_copy``, keyed by content) and loaded from there.
+(``storage.local_copy``, keyed by content) and memory-mapped from there (``_load_run``), so the
+per-user rationale table inside model.pt costs a replica only the rows it reads.
 
 Which run: ``serve.checkpoint`` (a run folder or URI, or a run name under ``<run_dir>/rec/``), else
 the finished run with the best *validation* NDCG@10 (``meta.json``), never chosen on test metrics.
@@ -16,6 +17,7 @@ the finished run with the best *validation* NDCG@10 (``meta.json``), never chose
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -68,10 +70,28 @@ def find_run(cfg) -> str:
 
 
 def _load_run(local_dir: str):
-    """rec's loader (``weights_only=True``)."""
-    from slim_ray.rec.checkpoint import load_run
+    """(model in eval mode, meta) of a local run folder, with the weights memory-mapped.
 
-    return load_run(local_dir)
+    Like ``slim_ray.rec.checkpoint.load_run`` (``weights_only=True``), but ``model.pt`` is mapped
+    (``torch.load(mmap=True)``) and its tensors become the model's own (``assign=True``): the
+    per-user rationale table (``user_text``, [n_users + 1, D], 1.5 GB at a million users and 384
+    dims) is never copied into the replica's memory; the rows a request reads are paged in from
+    the file, shared by the replicas of a node through the page cache."""
+    import torch
+
+    from slim_ray.rec.checkpoint import MODEL, read_meta
+    from slim_ray.rec.fusion import SeqRec
+
+    meta = read_meta(local_dir)
+    if meta is None:
+        raise FileNotFoundError(f"{local_dir}: no meta.json (not a finished recommender run)")
+    state = torch.load(os.path.join(local_dir, MODEL), map_location="cpu", weights_only=True, mmap=True)
+    model = SeqRec(meta["backbone"], meta["mode"], meta["hp"], meta["n_items"], state.get("item_text"),
+                   state.get("user_text"), state.get("user_has_text"),
+                   learned_no_rationale="no_rationale" in state)
+    model.load_state_dict(state, assign=True)
+    model.eval()
+    return model, meta
 
 
 
@@ -79,8 +99,6 @@ class CheckpointScorer:
     """A trained SeqRec run behind the ``Scorer`` interface of ``slim_ray.serve.recommender``."""
 
     def __init__(self, run_dir: str, threads: Optional[int] = None):
-        import os
-
         import torch
 
         if threads:

@@ -24,6 +24,8 @@ import numpy as np
 
 from slim_ray import storage
 from slim_ray.encode.store import load_embeddings
+from slim_ray.serve import userstate
+from slim_ray.serve.userstate import UserState
 
 logger = logging.getLogger(__name__)
 
@@ -83,51 +85,42 @@ class TextMatchScorer:
 
 @dataclass
 class Catalog:
-    """Items (id -> key, title), known users' histories, stored rationale vectors and texts of one run.
+    """Items (id -> key, title, text) and the per-user state of one run.
 
-    Held in memory by each recommender replica (fine up to a few million rows; a keyed store is
-    the next step beyond that)."""
+    The items are small dicts (one entry per item); everything per user (histories, stored
+    rationale vectors and texts) is a memory-mapped ``UserState`` (``slim_ray.serve.userstate``),
+    shared by the replicas of a node through the page cache. ``histories``, ``user_vectors`` and
+    ``rationales`` are read-only mappings over it."""
 
     titles: dict[int, str]
     texts: dict[int, str]
     keys: dict[int, str] = field(default_factory=dict)
-    histories: dict[int, list[int]] = field(default_factory=dict)
-    user_vectors: dict[int, np.ndarray] = field(default_factory=dict)
-    rationales: dict[int, str] = field(default_factory=dict)
+    users: UserState = field(default_factory=UserState.empty)
 
     @classmethod
-    def load(cls, layout, user_role: str = "student") -> "Catalog":
+    def load(cls, layout, user_role: str = "student", user_vectors: bool = True) -> "Catalog":
+        """``user_vectors=False``: the state leaves the stored vectors out (a scorer that keeps
+        the ones it was trained with, see ``Recommender``)."""
         items = storage.read_table(layout.items, columns=["item_id", "item_key", "title", "text"])
         if items is None:
             raise FileNotFoundError(f"{layout.items}: no items (run `slim-ray prepare` first)")
         ids = items.column("item_id").to_pylist()
-        cat = cls(dict(zip(ids, items.column("title").to_pylist())),
-                  dict(zip(ids, items.column("text").to_pylist())),
-                  dict(zip(ids, items.column("item_key").to_pylist())))
-        seq = storage.read_table(layout.sequences, columns=["user_id", "item_ids"])
-        if seq is not None:
-            cat.histories = dict(zip(seq.column("user_id").to_pylist(), seq.column("item_ids").to_pylist()))
-        if user_role != "none":
-            cat.load_user_role(layout, user_role)
-        return cat
+        return cls(dict(zip(ids, items.column("title").to_pylist())),
+                   dict(zip(ids, items.column("text").to_pylist())),
+                   dict(zip(ids, items.column("item_key").to_pylist())),
+                   userstate.ensure(layout, user_role, vectors=user_vectors))
 
-    def load_user_role(self, layout, role: str) -> None:
-        """Stored rationale vectors (embeddings/<role>/) and texts (rationales/<role>/): for a user
-        with several rationales, the one written from the longest prefix."""
-        if storage.is_dir(layout.user_embeddings(role)):
-            try:
-                uids, uvecs = load_embeddings(layout.user_embeddings(role), kind="user")
-                self.user_vectors = dict(zip(uids.tolist(), uvecs))
-            except FileNotFoundError:
-                pass
-        if storage.is_dir(layout.rationales(role)):
-            rat = storage.read_table(layout.rationales(role), columns=["user_id", "prefix_len", "text", "error"])
-            if rat is not None:
-                best: dict[int, tuple[int, str]] = {}
-                for u, n, t, err in zip(*(rat.column(c).to_pylist() for c in ("user_id", "prefix_len", "text", "error"))):
-                    if err is None and t and (u not in best or (n or 0) >= best[u][0]):
-                        best[u] = (n or 0, t)
-                self.rationales = {u: t for u, (_, t) in best.items()}
+    @property
+    def histories(self):
+        return self.users.histories
+
+    @property
+    def user_vectors(self):
+        return self.users.user_vectors
+
+    @property
+    def rationales(self):
+        return self.users.rationales
 
     def unknown_items(self, history: Sequence[int]) -> list[int]:
         return [i for i in history if i not in self.titles]
@@ -182,7 +175,9 @@ class Recommender:
         meta = getattr(self.scorer, "meta", None) or {}
         if role != "none" and meta.get("role") in ("student", "teacher"):
             role = meta["role"]  # the rationales the checkpoint was trained with
-        self.catalog = catalog or Catalog.load(cfg.layout, role)
+        # A scorer with its own table of stored vectors (a checkpoint) needs none in the state.
+        own = getattr(self.scorer, "stored_user_vector", None) is not None
+        self.catalog = catalog or Catalog.load(cfg.layout, role, user_vectors=not own)
         self.data_snapshot = _data_snapshot(cfg.layout)
 
     @property
@@ -196,16 +191,17 @@ class Recommender:
 
     def _stored_vector(self, user_id: int) -> Optional[np.ndarray]:
         stored = getattr(self.scorer, "stored_user_vector", None)
-        return stored(user_id) if stored is not None else self.catalog.user_vectors.get(user_id)
+        return stored(user_id) if stored is not None else self.catalog.users.vector(user_id)
 
     def plan(self, req: dict) -> dict:
         """Resolve one request: its history, vector and path, or what is missing (no scoring)."""
         cat, user_id, history = self.catalog, req.get("user_id"), req.get("history")
-        known = user_id is not None and user_id in cat.histories
+        stored_history = cat.users.history(user_id) if user_id is not None else None
+        known = stored_history is not None
         if user_id is not None and not known and history is None:
             raise RequestError(404, "user_id", f"user_id: unknown user {user_id}; send its history instead")
         if history is None:
-            history = list(cat.histories.get(user_id, []))
+            history = stored_history or []
         if not history:
             raise RequestError(422, "history", "history: give a user_id of the run or a non-empty list of item ids")
         unknown = cat.unknown_items(history)
@@ -218,7 +214,7 @@ class Recommender:
             stored = self._stored_vector(user_id) if known and req.get("history") is None else None
             if stored is not None:
                 vec, path = stored, "stored-rationale"
-                rationale = cat.rationales.get(user_id) if req.get("explain") else None
+                rationale = cat.users.rationale(user_id) if req.get("explain") else None
             elif req.get("student") and (req.get("explain") or not known):
                 # a raw history, or a known user without a stored rationale who asked for one
                 return {"need_rationale": True, "history": history}
