@@ -64,11 +64,22 @@ def variant_name(mode: str, role: Optional[str]) -> str:
 
 DEFAULTS_DIR = os.path.join(os.path.dirname(__file__), "defaults")
 # rec.* fields that override the backbone YAML when set
-EXPLICIT = ("epochs", "patience", "loss", "num_negatives", "batch_size", "lr", "max_len", "hidden")
+EXPLICIT = ("epochs", "patience", "loss", "num_negatives", "sampled_negatives", "batch_size", "lr", "max_len",
+            "hidden")
+# Training losses. "softmax" is the older spelling of "full_softmax" (checkpoints written before
+# the sampled softmax existed carry it); "auto" picks one of the two softmaxes (see choose_loss).
+LOSSES = ("auto", "full_softmax", "sampled_softmax", "bce", "softmax")
+SAMPLERS = ("uniform", "popularity")
+# Sampled-softmax settings when their rec.params key is absent.
+SAMPLED_NEGATIVES = 1024
+FULL_SOFTMAX_MAX_BYTES = 2 * 1024**3  # 2 GiB of float32 logits per global batch
 # rec.params keys every backbone accepts without a YAML default (absent: the behaviour named here)
 OPTIONAL_PARAMS = {
     "prefixes_per_user": "with train_on=prefixes: every prefix of every user",
     "linear_init_std": "PyTorch's default initialisation of every linear and attention layer",
+    "sampled_negatives": f"{SAMPLED_NEGATIVES} negatives shared by each batch (loss=sampled_softmax)",
+    "sampled_distribution": "uniform: negatives drawn uniformly over the catalog (loss=sampled_softmax)",
+    "full_softmax_max_bytes": f"{FULL_SOFTMAX_MAX_BYTES} (2 GiB): loss=auto's threshold on one batch's logits",
 }
 TRAIN_ON = ("all_positions", "prefixes")
 
@@ -92,7 +103,7 @@ class BackboneParams(BaseModel):
     hidden: Annotated[Count, Field(ge=4)]
     dropout: Annotated[Real, Field(ge=0.0, lt=1.0)]
     max_len: Annotated[Count, Field(ge=2)]
-    loss: Literal["bce", "softmax"]
+    loss: Literal["auto", "full_softmax", "sampled_softmax", "bce", "softmax"]
     num_negatives: Count
     lr: Annotated[Real, Field(gt=0.0)]
     weight_decay: Annotated[Real, Field(ge=0.0)]
@@ -102,6 +113,9 @@ class BackboneParams(BaseModel):
     train_on: Literal["all_positions", "prefixes"]
     prefixes_per_user: Optional[Count] = None
     linear_init_std: Optional[Annotated[Real, Field(gt=0.0)]] = None
+    sampled_negatives: Optional[Count] = None
+    sampled_distribution: Optional[Literal["uniform", "popularity"]] = None
+    full_softmax_max_bytes: Optional[Count] = None
 
 
 class SASRecParams(BackboneParams):
@@ -181,6 +195,31 @@ def resolve_hparams(rc: "RecConfig", backbone: str) -> dict[str, Any]:
     return hp
 
 
+def full_softmax_logit_bytes(hp: dict[str, Any], n_items: int) -> int:
+    """Bytes of one global batch's float32 logits under the full softmax: batch_size x positions x
+    (n_items + 1), where positions = max_len when every position predicts (train_on=all_positions)
+    and 1 when only the last one does (train_on=prefixes, SR-GNN). The +1 is the padding column."""
+    positions = int(hp["max_len"]) if hp["train_on"] == "all_positions" else 1
+    return int(hp["batch_size"]) * positions * (int(n_items) + 1) * 4
+
+
+def choose_loss(hp: dict[str, Any], n_items: int) -> str:
+    """The loss a run trains with: ``full_softmax``, ``sampled_softmax`` or ``bce``.
+
+    ``auto`` keeps the full softmax while one batch's logits (``full_softmax_logit_bytes``) stay
+    within ``full_softmax_max_bytes`` (default 2 GiB) and switches to the sampled softmax above it:
+    the logits, their softmax and their gradient all live at once, so a 2 GiB batch already needs
+    about 6 GiB on the worker, and the catalog sets that size, not the model.
+    """
+    loss = hp["loss"]
+    if loss == "softmax":
+        return "full_softmax"
+    if loss != "auto":
+        return loss
+    limit = hp.get("full_softmax_max_bytes") or FULL_SOFTMAX_MAX_BYTES
+    return "full_softmax" if full_softmax_logit_bytes(hp, n_items) <= int(limit) else "sampled_softmax"
+
+
 def _as_list(v: Any) -> list:
     if isinstance(v, (str, int)):
         return [v]
@@ -212,12 +251,22 @@ class RecConfig(StageConfig):
         "(full ranking); the best epoch's weights are kept. None: the backbone YAML's.",
     )
     eval_every: int = Field(1, ge=1, description="Validate every this many epochs.")
-    loss: Optional[Literal["bce", "softmax"]] = Field(
+    loss: Optional[Literal["auto", "full_softmax", "sampled_softmax", "bce", "softmax"]] = Field(
         None,
-        description="bce: binary cross-entropy of each target against `num_negatives` uniformly sampled "
-        "negatives (the paper); softmax: cross-entropy over all items. None: the backbone YAML's.",
+        description="auto: full_softmax while one batch's logits (batch_size x max_len x n_items x 4 bytes) "
+        "fit in rec.params.full_softmax_max_bytes (default 2 GiB), sampled_softmax above; full_softmax "
+        "(or softmax): cross-entropy over all items; sampled_softmax: cross-entropy of each target "
+        "against `sampled_negatives` negatives shared by the batch, logQ-corrected; bce: binary "
+        "cross-entropy of each target against `num_negatives` uniform negatives (the paper). "
+        "None: the backbone YAML's (auto).",
     )
     num_negatives: Optional[int] = Field(None, ge=1, description="Negatives per target for loss=bce.")
+    sampled_negatives: Optional[int] = Field(
+        None, ge=1,
+        description="Negatives shared by each batch for loss=sampled_softmax (None: 1024; the whole "
+        "catalog when it has fewer items). rec.params.sampled_distribution picks uniform (default) "
+        "or popularity-proportional draws.",
+    )
     batch_size: Optional[int] = Field(None, ge=1, description="Training sequences per step (global, split over workers).")
     lr: Optional[float] = Field(None, gt=0, description="Adam learning rate.")
     max_len: Optional[int] = Field(None, ge=2, description="Longest history the backbone reads (most recent items).")

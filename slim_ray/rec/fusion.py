@@ -11,8 +11,9 @@ Modes (DESIGN.md 1.5; ``d`` = hidden, ``T_i`` item text vector, ``S_u`` rational
 the paper's notation. In ``text`` mode nothing is indexed by an item or user id (the backbone only
 reads vectors, positions and the item ids' equality pattern), so the model scores items and users
 it never saw, as long as they have text. Text vectors are frozen buffers saved in the checkpoint,
-so a trained model is self-contained. Score = dot product; loss = softmax CE over all items or
-BCE against sampled negatives.
+so a trained model is self-contained. Score = dot product; loss (``choose_loss``, docs/rec.md "Loss
+at scale") = softmax CE over all items, softmax CE against negatives the batch shares with the logQ
+correction (large catalogs), or BCE against sampled negatives.
 
 Rationales and time (docs/rec.md, "Rationale protocol"): a rationale written from the first ``c``
 items may only inform predictions of targets at positions >= ``c``. Training passes a
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from slim_ray.rec.config import SAMPLED_NEGATIVES, choose_loss
 from slim_ray.rec.models import build_backbone
 
 
@@ -59,7 +61,7 @@ class SeqRec(nn.Module):
         d = int(hp["hidden"])
         self.backbone = build_backbone(backbone, hp)
         self.all_positions = self.backbone.all_positions
-        self.loss_kind = hp["loss"]
+        self.loss_kind = choose_loss(hp, n_items)  # full_softmax | sampled_softmax | bce
         self.item_id = None
         if mode in ("id", "id_text", "slim"):
             self.item_id = nn.Embedding(n_items + 1, d, padding_idx=0)
@@ -178,30 +180,96 @@ class SeqRec(nn.Module):
     # ------------------------------------------------------------------ training loss
 
     def forward(self, seq, lens, users, targets, negatives=None, norm: float = 1.0,
-                rationale=None, has_rationale=None, rationale_mask=None) -> torch.Tensor:
+                rationale=None, has_rationale=None, rationale_mask=None, log_q=None) -> torch.Tensor:
         """Summed loss over every target (``targets > 0``), divided by ``norm``.
 
         ``targets`` is [B, L] (the item to predict after each position; 0 = none). SR-GNN predicts
-        only after the last position. ``negatives`` [B, L, k] are used by ``loss=bce``.
-        ``rationale`` / ``has_rationale`` / ``rationale_mask``: see ``user_vectors``.
+        only after the last position. ``negatives``: [B, L, k] per target for ``bce``; [K] shared by
+        the whole batch for ``sampled_softmax``, with ``log_q`` [n_items + 1] the log of each item's
+        sampling probability (``SharedNegatives``). ``rationale`` / ``has_rationale`` /
+        ``rationale_mask``: see ``user_vectors``.
         """
         table = self.item_table()
         h = self.user_vectors(seq, lens, users, table, rationale, has_rationale, rationale_mask)
+        per_target = self.loss_kind == "bce"
         if h.dim() == 3:
             sel = targets > 0
             hs, tgt = h[sel], targets[sel]
-            negs = negatives[sel] if negatives is not None else None
+            negs = negatives[sel] if per_target and negatives is not None else negatives
         else:
             last = lens - 1
             ar = torch.arange(len(lens), device=h.device)
             hs, tgt = h, targets[ar, last]
-            negs = negatives[ar, last] if negatives is not None else None
-        if self.loss_kind == "softmax":
-            logits = hs @ table.T
-            logits[:, 0] = float("-inf")
-            loss = F.cross_entropy(logits, tgt, reduction="sum")
+            negs = negatives[ar, last] if per_target and negatives is not None else negatives
+        if self.loss_kind == "full_softmax":
+            loss = full_softmax_loss(hs, table, tgt)
+        elif self.loss_kind == "sampled_softmax":
+            if negs is None or log_q is None:
+                raise ValueError("loss=sampled_softmax needs the batch's negatives and log_q (SharedNegatives)")
+            loss = sampled_softmax_loss(hs, table, tgt, negs, log_q)
         else:
             pos = (hs * table[tgt]).sum(-1)
             neg = torch.einsum("md,mkd->mk", hs, table[negs])
             loss = F.softplus(-pos).sum() + F.softplus(neg).sum()
         return loss / norm
+
+
+# --------------------------------------------------------------------------- softmax losses
+
+
+def full_softmax_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                      reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of each target over every item: ``h`` [M, d], ``table`` [n_items + 1, d]
+    (row 0, padding, is never a candidate), ``targets`` [M]. Builds the [M, n_items + 1] logits."""
+    logits = h @ table.T
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def sampled_softmax_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                         log_q: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of each target against the K negatives its batch shares, logQ-corrected.
+
+    The candidates of a target ``t`` are ``t`` itself and ``negatives`` [K]; every candidate's
+    logit ``h . E_j`` has ``log_q[j]`` (the log of its sampling probability) subtracted, so that
+    items the sampler draws often are not over-penalised and the sum over candidates estimates the
+    full softmax's normaliser. A negative equal to the target is kept (never removed): with K = the
+    whole catalog drawn uniformly, the loss is exactly ``softplus(full cross-entropy)``
+    (tests/rec/test_rec_loss.py). Builds [M, K + 1] logits instead of [M, n_items + 1].
+    """
+    pos = (h * table[targets]).sum(-1) - log_q[targets]
+    neg = h @ table[negatives].T - log_q[negatives][None]
+    logits = torch.cat([pos[:, None], neg], 1)
+    return F.cross_entropy(logits, torch.zeros_like(targets), reduction=reduction)
+
+
+class SharedNegatives:
+    """Draws the negatives one training batch shares under ``loss=sampled_softmax``.
+
+    ``uniform``: every item equally likely; ``popularity``: proportional to ``counts`` + 1 (how
+    often an item occurs in the training prefixes; the +1 keeps every item drawable). Each draw
+    takes ``k`` distinct items (all of them when the catalog is smaller), by Gumbel top-k: the same
+    as drawing items one at a time without replacement, in O(n_items) per batch -- the order of the
+    item table the model already builds each step. ``log_q`` [n_items + 1] is the log of each
+    item's sampling probability (row 0, padding, is never drawn).
+    """
+
+    def __init__(self, n_items: int, k: int = SAMPLED_NEGATIVES, distribution: str = "uniform",
+                 counts: Optional[torch.Tensor] = None):
+        if distribution == "uniform":
+            weights = torch.ones(n_items, dtype=torch.float64)
+        elif distribution == "popularity":
+            if counts is None or len(counts) != n_items + 1:
+                raise ValueError(f"popularity sampling needs item counts [n_items + 1 = {n_items + 1}]")
+            weights = counts[1:].to(torch.float64) + 1.0
+        else:
+            raise ValueError(f"unknown negative distribution {distribution!r}: expected uniform or popularity")
+        q = weights / weights.sum()
+        self.n_items, self.k, self.distribution = n_items, min(int(k), n_items), distribution
+        self.log_q = torch.cat([torch.zeros(1, dtype=torch.float64), q.log()]).float()
+
+    def draw(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[k] distinct item ids in 1..n_items (int64), from ``generator`` (the same on every worker)."""
+        u = torch.rand(self.n_items, generator=generator).clamp_(min=1e-30)
+        keys = self.log_q[1:] - torch.log(-torch.log(u))
+        return keys.topk(self.k).indices + 1

@@ -4,11 +4,18 @@ Every worker loads the (small) sequences and text vectors itself, draws the same
 from the run's seed, and trains on its contiguous slice of each global batch. The loss is summed
 and divided by (targets in the global batch / world size), so DDP's gradient average equals the
 gradient of the global-batch mean: 1 worker and N workers take the same steps (up to dropout
-noise and float rounding). Sampled negatives (loss=bce) are drawn for the global batch too.
+noise and float rounding). Sampled negatives (loss=bce, and the negatives a batch shares under
+loss=sampled_softmax) are drawn for the global batch too, so every worker draws the same ones.
+
+The loss is the config's ``loss`` resolved by ``choose_loss`` (``auto``: the full softmax while one
+batch's logits fit in ``full_softmax_max_bytes``, the sampled softmax above); meta.json records the
+choice (``loss``) and the byte count it was made on.
 
 The per-user rationale table is not part of the DDP module: each batch carries its users'
 rationale vectors, and under ``rec.rationale_protocol=consistent`` a mask that keeps a rationale
-out of the positions whose targets it may have read (docs/rec.md, "Rationale protocol").
+out of the positions whose targets it may have read (docs/rec.md, "Rationale protocol"). The
+buffers left on the module (the frozen item text vectors) are built identically by every worker,
+so DDP is told not to broadcast them before every forward pass (``DDP_KWARGS``).
 
 Validation (full ranking NDCG@10 on the valid target) is sharded over workers and all-reduced, so
 every worker takes the same early-stopping decision. Each improvement is reported with a
@@ -32,7 +39,7 @@ import numpy as np
 
 from slim_ray import storage
 from slim_ray.rec.checkpoint import is_finished, write_run
-from slim_ray.rec.config import RecConfig, resolve_hparams, variant_name
+from slim_ray.rec.config import RecConfig, full_softmax_logit_bytes, resolve_hparams, variant_name
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +118,27 @@ def valid_ndcg(model, split, rank: int, world: int, device, user_table=None, k: 
     return float(m[f"ndcg@{k}"].sum()), float(m[f"hr@{k}"].sum())
 
 
+def train_item_counts(data) -> np.ndarray:
+    """[n_items + 1] int64: how often each item occurs in the users' training prefixes (valid and
+    test targets are never counted: popularity sampling must not see them)."""
+    prefixes = [s[:-2] for s in data.seqs]
+    flat = np.concatenate(prefixes) if prefixes else np.zeros(0, dtype=np.int64)
+    return np.bincount(flat, minlength=data.n_items + 1)[: data.n_items + 1]
+
+
+def negative_sampler(hp: dict[str, Any], data):
+    """The ``SharedNegatives`` of a sampled-softmax run (its rec.params keys, or their defaults)."""
+    import torch
+
+    from slim_ray.rec.config import SAMPLED_NEGATIVES
+    from slim_ray.rec.fusion import SharedNegatives
+
+    distribution = hp.get("sampled_distribution") or "uniform"
+    counts = torch.from_numpy(train_item_counts(data)) if distribution == "popularity" else None
+    k = int(hp.get("sampled_negatives") or SAMPLED_NEGATIVES)
+    return SharedNegatives(data.n_items, k, distribution, counts)
+
+
 def _subset(split, idx: np.ndarray):
     from slim_ray.rec.data import EvalSplit
 
@@ -124,6 +152,9 @@ def _subset(split, idx: np.ndarray):
 # --------------------------------------------------------------------------- the worker loop
 
 BUFFERS = ("item_text", "user_text", "user_has_text")
+# The module's buffers are frozen inputs every worker loads itself: no per-step broadcast (DDP's
+# default re-sends every buffer from rank 0 before each forward; item_text alone is n_items x D).
+DDP_KWARGS = {"forward_sync_buffers": False}
 
 
 def _weights(state: dict) -> dict:
@@ -180,12 +211,16 @@ class _Run:
         self.user_table = model.pop_user_table() if model.uses_rationales else None
         self.cuts = (rd.rationale_cuts(spec["rationales"], self.data)
                      if spec.get("rationale_protocol") == "consistent" else None)
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_KWARGS)
         self.core = self.model.module if hasattr(self.model, "module") else self.model
         self.device = next(self.core.parameters()).device
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.hp["lr"]),
                                     weight_decay=float(self.hp["weight_decay"]))
         self.max_len = int(self.hp["max_len"])
+        self.sampler = self.log_q = None
+        if self.core.loss_kind == "sampled_softmax":
+            self.sampler = negative_sampler(self.hp, self.data)
+            self.log_q = self.sampler.log_q.to(self.device)
         self.valid = rd.eval_split(self.data, "valid", self.max_len)
         self.fixed = (rd.window_examples(self.data, self.max_len, self.cuts, spec.get("rationale_protocol", "leaky"))
                       if self.hp["train_on"] == "all_positions" else None)
@@ -238,9 +273,11 @@ class _Run:
             if len(gidx) < world:
                 continue  # a tail batch smaller than the world: skipped by every worker alike
             n_tgt = int((ex.targets[gidx] > 0).sum())
-            negs = None
-            if self.hp["loss"] == "bce":
+            negs = shared = None
+            if self.core.loss_kind == "bce":
                 negs = torch.randint(1, self.data.n_items + 1, (len(gidx), self.max_len, k_neg), generator=gen)
+            elif self.sampler is not None:
+                shared = self.sampler.draw(gen).to(dev)
             mine = np.array_split(np.arange(len(gidx)), world)[self.rank]
             li = gidx[mine]
             users = torch.as_tensor(ex.users[li])
@@ -251,8 +288,8 @@ class _Run:
                 mask = torch.as_tensor(ex.rationale_mask[li], device=dev)
             loss = self.model(
                 torch.as_tensor(ex.seq[li], device=dev), torch.as_tensor(ex.lens[li], device=dev), users.to(dev),
-                torch.as_tensor(ex.targets[li], device=dev), negs[mine].to(dev) if negs is not None else None,
-                norm=max(1, n_tgt) / world, rationale=rat, has_rationale=has, rationale_mask=mask,
+                torch.as_tensor(ex.targets[li], device=dev), negs[mine].to(dev) if negs is not None else shared,
+                norm=max(1, n_tgt) / world, rationale=rat, has_rationale=has, rationale_mask=mask, log_q=self.log_q,
             )
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -307,6 +344,8 @@ class _Run:
                 "rationale_protocol": spec.get("rationale_protocol"),
                 "inputs": {k: spec.get(k) for k in ("sequences", "items", "item_embeddings", "user_embeddings",
                                                     "rationales")},
+                "loss": self.core.loss_kind,
+                "full_softmax_logit_bytes": full_softmax_logit_bytes(self.hp, self.data.n_items),
                 "best_epoch": self.best_epoch, "best_valid_ndcg@10": self.best, "history": self.history,
                 "epoch_seconds": self.epoch_secs, "wall_seconds": round(time.time() - t_start, 2),
                 "fallback_users": len(self.fallback), "fallback_user_ids": self.fallback[:20],
