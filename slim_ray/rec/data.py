@@ -305,3 +305,49 @@ def rationale_cuts(rationales: str, data: RecData) -> np.ndarray:
         raise ValueError(f"{rationales}: {len(bad)} users have a rationale written past their training prefix "
                          f"(prefix_len > len(item_ids) - 2), first user_ids {bad[:5].tolist()}")
     return cuts
+
+
+# --------------------------------------------------------------------------- sequence shards
+
+
+def sequence_row_groups(path: str) -> list[tuple[str, list[int]]]:
+    """[(part uri, rows of each row group)] of the ``sequences`` contract, from the Parquet footers
+    only (no rows read): what a sharded reader splits into shards."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in storage.parquet_files(path):
+        fs, p = storage.resolve(f)
+        md = pq.ParquetFile(p, filesystem=fs).metadata
+        out.append((f, [md.row_group(i).num_rows for i in range(md.num_row_groups)]))
+    if not out:
+        raise FileNotFoundError(f"{path}: no Parquet files")
+    return out
+
+
+def load_sequence_shard(part: str, row_groups: list[int], n_items: Optional[int] = None) -> RecData:
+    """The users (>= 3 items) of some row groups of one sequences part, sorted by user_id, checked as
+    ``load_sequences`` checks the whole contract. May hold no user (``n_users`` 0 then)."""
+    import pyarrow.parquet as pq
+
+    fs, p = storage.resolve(part)
+    t = pq.ParquetFile(p, filesystem=fs).read_row_groups(row_groups, columns=["user_id", "item_ids"])
+    check_columns(t, pa.schema([SEQUENCES_SCHEMA.field(c) for c in ("user_id", "item_ids")]), part)
+    t = t.sort_by("user_id")
+    users = t.column("user_id").to_numpy()
+    lists = t.column("item_ids").combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    flat = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(users))]
+    keep = np.array([len(s) >= 3 for s in seqs], dtype=bool)
+    users = users[keep] if len(users) else users
+    seqs = [s for s, k in zip(seqs, keep) if k]
+    bad = [int(u) for u, s in zip(users, seqs) if (s <= 0).any()]
+    if bad:
+        raise ValueError(f"{part}: item_ids must be >= 1 (0 is padding); user_id {bad[:5]} break this")
+    largest = max((int(s.max()) for s in seqs), default=0)
+    if n_items is None:
+        n_items = largest
+    elif largest > n_items:
+        raise ValueError(f"{part}: item id {largest} > number of items {n_items}")
+    return RecData(np.asarray(users, dtype=np.int64), seqs, int(n_items), int(users.max()) if len(users) else 0)

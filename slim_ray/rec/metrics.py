@@ -11,6 +11,7 @@ top-k membership test computes, minus top-k's arbitrary order among ties. From t
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import numpy as np
@@ -89,6 +90,64 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     out["p_ttest"] = float(t.pvalue)
     out["p_wilcoxon"] = float(stats.wilcoxon(a, b, zero_method="wilcox").pvalue)
     return out
+
+
+PAIR_SUMS = ("n", "sum_a", "sum_b", "sum_d", "sum_d2")
+
+
+def paired_sums(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """What a paired t-test needs from one shard of users: n, sums of a, b, d = a - b and d^2, and
+    the largest |d| (to tell "no difference at all"). Shards' sums add up (``add_paired_sums``)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired sums need the same users: {a.shape} vs {b.shape}")
+    d = a - b
+    return {"n": int(len(d)), "sum_a": float(a.sum()), "sum_b": float(b.sum()), "sum_d": float(d.sum()),
+            "sum_d2": float((d * d).sum()), "max_abs_d": float(np.abs(d).max()) if len(d) else 0.0}
+
+
+def add_paired_sums(x: dict[str, float], y: dict[str, float]) -> dict[str, float]:
+    out = {k: x[k] + y[k] for k in PAIR_SUMS}
+    out["max_abs_d"] = max(x["max_abs_d"], y["max_abs_d"])
+    return out
+
+
+def paired_t_from_sums(n: int, sum_d: float, sum_d2: float) -> tuple[float, float]:
+    """(t statistic, two-sided p-value) of the paired t-test from n, sum of d and sum of d^2 alone
+    (what ``scipy.stats.ttest_rel(a, b)`` gives for d = a - b), so per-user differences never need
+    to be in one place. t = mean(d) / sqrt(var(d) / n), var with n - 1 degrees of freedom."""
+    from scipy import stats
+
+    if n < 2:
+        return float("nan"), float("nan")
+    mean = sum_d / n
+    var = max(sum_d2 - sum_d * mean, 0.0) / (n - 1)
+    if var == 0.0:  # every d equal: scipy gives +-inf and p 0 (nan when every d is 0)
+        if mean == 0.0:
+            return float("nan"), float("nan")
+        return math.copysign(math.inf, mean), 0.0
+    t = mean / math.sqrt(var / n)
+    return float(t), float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def paired_test_from_sums(s: dict[str, float]) -> dict[str, float]:
+    """``paired_test``'s keys (without the Wilcoxon p-value) from merged ``paired_sums``; no
+    difference at all (every |d| <= 1e-8, ``np.allclose``'s tolerance) reads t 0, p 1 as there."""
+    n = int(s["n"])
+    out = {"n_users": n, "mean_a": s["sum_a"] / n, "mean_b": s["sum_b"] / n, "mean_diff": s["sum_d"] / n}
+    if s["max_abs_d"] <= 1e-8:
+        out.update(t_stat=0.0, p_ttest=1.0)
+        return out
+    out["t_stat"], out["p_ttest"] = paired_t_from_sums(n, s["sum_d"], s["sum_d2"])
+    return out
+
+
+def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired a vs b (zero differences dropped). It ranks
+    every |a - b|, so unlike the t-test it cannot be computed from per-shard sums."""
+    from scipy import stats
+
+    return float(stats.wilcoxon(a, b, zero_method="wilcox").pvalue)
 
 
 def evaluate_vectors(users_vec, item_table, split, ks, candidates: Optional[np.ndarray] = None,

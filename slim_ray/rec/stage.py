@@ -4,7 +4,8 @@
 value), one Ray Train ``TorchTrainer`` per run, into ``rec/<backbone>-<mode>[-<role>]-s<seed>/``.
 A run folder whose ``meta.json`` carries the same settings fingerprint is skipped (resumable
 sweep); a variant whose rationale vectors are missing fails with a message naming the users.
-``run_evaluate`` scores every finished run on the test target and writes ``eval/metrics.json``.
+``run_evaluate`` scores every finished run on the test target in user shards (Ray tasks) and writes
+``eval/metrics.json``, ``eval/per_user/`` and ``eval/candidates/`` (slim_ray/rec/evaluate.py).
 """
 
 from __future__ import annotations
@@ -84,10 +85,14 @@ def _check_inputs(specs) -> None:
 def run_evaluate(cfg) -> dict[str, Any]:
     from slim_ray.rec.evaluate import evaluate_all, format_table
 
-    out = evaluate_all(cfg)
+    out, info = evaluate_all(cfg)
     print(format_table(out), flush=True)
     return {
         "runs": sum(len(e["runs"]) for v in out["results"].values() for e in v.values()),
         "variants": {bb: sorted(v) for bb, v in out["results"].items()},
         "num_users": out["num_users"],
+        "shards": info["shards"],
+        "per_user_rows": info["per_user_rows"],
+        "candidates_reused": bool((out.get("sampled") or {}).get("reused")),
+        "node_ids": info["node_ids"],  # the nodes the shard tasks ran on
     }
