@@ -116,6 +116,32 @@ def test_recommender_plans_each_request_and_answers_a_batch_at_once(cfg):
     assert rec.answer_many([{"user_id": 2, "history": None, "k": 2, "student": True}])[0]["path"] == "no-rationale"
 
 
+def test_catalog_users_and_checkpoint_table_are_memory_mapped(cfg):
+    """The catalogue's users come from the memory-mapped state (slim_ray.serve.userstate), and a
+    checkpoint's per-user rationale table is read from its mapped model.pt, equal to the vectors
+    the run was built from; with a checkpoint the state holds no second copy of them."""
+    import os
+
+    from slim_ray.serve.checkpoint import CheckpointScorer
+
+    text = Recommender(cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"recommender": "text"})}))
+    users = text.catalog.users
+    assert isinstance(users.history_items, np.memmap) and isinstance(users.vectors, np.memmap)
+    assert dict(text.catalog.histories) == HISTORIES and text.catalog.rationales[1] == STORED_RATIONALE
+    ids, vecs = load_embeddings(cfg.layout.user_embeddings("student"), kind="user")
+    np.testing.assert_array_equal(users.vector(1), vecs[ids.tolist().index(1)])
+    assert users.vector(2) is None and users.history(99) is None
+
+    run = write_checkpoint(cfg, best_valid=0.7, seed=0)
+    scorer = CheckpointScorer(run)
+    with open("/proc/self/maps") as f:
+        assert os.path.join(run, "model.pt") in f.read()
+    np.testing.assert_array_equal(scorer.stored_user_vector(1), vecs[ids.tolist().index(1)])
+    assert scorer.stored_user_vector(2) is None
+    with_ckpt = Recommender(cfg)
+    assert with_ckpt.catalog.users.vectors.shape[1] == 0 and with_ckpt.catalog.rationales[1] == STORED_RATIONALE
+
+
 SETTINGS = {"max_k": 50, "max_history": 5, "max_rationale_chars": 20}
 
 
