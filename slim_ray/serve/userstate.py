@@ -103,7 +103,12 @@ class UserState:
         self.history_offsets, self.history_items = arrays["history_offsets"], arrays["history_items"]
         self.vectors, self.has_vector = arrays["vectors"], arrays["has_vector"]
         self.rationale_offsets, self.rationale_bytes = arrays["rationale_offsets"], arrays["rationale_bytes"]
-        has_text = np.diff(self.rationale_offsets) > 0
+        # plain ndarray views of the same mapped pages: slicing a np.memmap costs more per lookup
+        self._ids, self._hoff, self._hitems = (a.view(np.ndarray) for a in (
+            self.user_ids, self.history_offsets, self.history_items))
+        self._vecs, self._has = self.vectors.view(np.ndarray), self.has_vector.view(np.ndarray)
+        self._roff, self._rbytes = self.rationale_offsets.view(np.ndarray), self.rationale_bytes.view(np.ndarray)
+        has_text = np.diff(self._roff) > 0
         #: mappings for code that reads ``catalog.histories[u]`` and the like
         self.histories = _View(self, self.history, None)
         self.user_vectors = _View(self, self.vector, self.has_vector)
@@ -164,10 +169,11 @@ class UserState:
 
     def index(self, user_id) -> int:
         """Row of ``user_id``, -1 when the run does not know it."""
-        if user_id is None or not len(self.user_ids):
+        ids = self._ids
+        if user_id is None or not len(ids) or not -2**63 <= user_id < 2**63:
             return -1
-        i = int(np.searchsorted(self.user_ids, user_id))
-        return i if i < len(self.user_ids) and int(self.user_ids[i]) == user_id else -1
+        i = int(ids.searchsorted(user_id))
+        return i if i < len(ids) and ids[i] == user_id else -1
 
     def __contains__(self, user_id) -> bool:
         return self.index(user_id) >= 0
@@ -176,20 +182,20 @@ class UserState:
         i = self.index(user_id)
         if i < 0:
             return None
-        return self.history_items[self.history_offsets[i]:self.history_offsets[i + 1]].tolist()
+        return self._hitems[self._hoff[i]:self._hoff[i + 1]].tolist()
 
     def vector(self, user_id) -> Optional[np.ndarray]:
         i = self.index(user_id)
-        if i < 0 or not self.has_vector[i]:
+        if i < 0 or not self._has[i]:
             return None
-        return np.array(self.vectors[i], dtype=np.float32)  # a copy: the caller may keep it
+        return self._vecs[i].copy()  # a copy: the caller may keep it
 
     def rationale(self, user_id) -> Optional[str]:
         i = self.index(user_id)
         if i < 0:
             return None
-        a, b = int(self.rationale_offsets[i]), int(self.rationale_offsets[i + 1])
-        return self.rationale_bytes[a:b].tobytes().decode("utf-8") if b > a else None
+        a, b = self._roff[i], self._roff[i + 1]
+        return self._rbytes[a:b].tobytes().decode("utf-8") if b > a else None
 
 
 # ----------------------------------------------------------------------------- where, and when to build
@@ -288,16 +294,21 @@ def build(folder: str, sequences: str, embeddings: Optional[str] = None, rationa
         n_text = _write_rationales(folder, scratch, user_ids, rationales)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return write_manifest(folder, {"sequences": sequences, "embeddings": embeddings, "rationales": rationales},
+                          users=len(user_ids), history_items=n_items, dim=dim, users_with_vector=n_vec,
+                          users_with_rationale=n_text)
+
+
+def write_manifest(folder: str, srcs: Optional[dict] = None, **counts) -> dict:
+    """``state.json`` of the ``.npy`` files in ``folder`` (dtype, shape, size of each), written
+    after them: a folder without it is incomplete. Returns its content."""
     files = {}
     for name in FILES:
         path = os.path.join(folder, f"{name}.npy")
         arr = np.load(path, mmap_mode="r")
         files[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape), "bytes": os.path.getsize(path)}
         del arr
-    meta = {"format": FORMAT, "users": len(user_ids), "history_items": n_items, "dim": dim,
-            "users_with_vector": n_vec, "users_with_rationale": n_text,
-            "sources": {"sequences": sequences, "embeddings": embeddings, "rationales": rationales},
-            "files": files}
+    meta = {"format": FORMAT, **counts, "sources": srcs or {}, "files": files}
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
