@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed values; the random-ranker oracle; stored candidates."""
+"""Metric functions against hand-computed values; the random-ranker oracle; drawn candidates."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slim_ray.rec import data as rd
-from slim_ray.rec.evaluate import draw_candidates, stored_candidates
+from slim_ray.rec.evaluate import draw_candidates
 from slim_ray.rec.metrics import (
     evaluate_vectors, metrics_from_ranks, paired_test, random_reference, ranks_full, ranks_sampled,
 )
@@ -66,7 +66,7 @@ def test_random_ranker_reference_and_simulation_on_sampled_100():
     assert m["hr@20"].mean() == pytest.approx(0.198, abs=0.008)
 
 
-def test_candidates_avoid_history_are_seeded_and_stored_once(tmp_path):
+def test_candidates_avoid_history_and_are_seeded_per_user():
     rng = np.random.default_rng(0)
     seqs = [rng.choice(np.arange(1, 301), size=rng.integers(5, 120), replace=False) for _ in range(50)]
     data = rd.RecData(np.arange(1, 51), seqs, 300, 50)
@@ -76,13 +76,11 @@ def test_candidates_avoid_history_are_seeded_and_stored_once(tmp_path):
         assert c[0] == s[-1]
         assert len(set(c[1:])) == 100 and not set(c[1:]) & set(s.tolist())
     assert (draw_candidates(data, 100, seed=7) == cand).all()
-    path = str(tmp_path / "candidates.parquet")
-    first, reused = stored_candidates(path, data, 100, 7)
-    assert not reused and (first == cand).all()
-    again, reused = stored_candidates(path, data, 100, 7)
-    assert reused and (again == cand).all()
-    _, reused = stored_candidates(path, data, 100, 8)  # another seed: redrawn
-    assert not reused
+    # a user's negatives depend on (seed, user_id) only: not on the other users drawn with it
+    alone = draw_candidates(rd.RecData(data.user_ids[10:11], seqs[10:11], 300, 50), 100, seed=7)
+    assert (alone[0] == cand[10]).all()
+    assert not (draw_candidates(data, 100, seed=8)[:, 1:] == cand[:, 1:]).all()
+    # storing and reusing them: tests/rec/test_rec_eval_sharded.py
 
 
 def test_paired_test_detects_a_consistent_gain():

@@ -50,7 +50,8 @@ def test_train_evaluate_report_on_s3(s3_server, ray_session, tmp_path, monkeypat
     run_evaluate(cfg)
     metrics = storage.read_json(storage.join(cfg.layout.eval, "metrics.json"))
     assert metrics["results"]["gru4rec"]["slim:student"]["seeds"] == [0]
-    assert storage.is_file(storage.join(cfg.layout.eval, "candidates.parquet"))
+    assert storage.is_file(storage.join(cfg.layout.eval, "candidates", "key.json"))
+    assert storage.parquet_files(storage.join(cfg.layout.eval, "per_user"))
 
     _manifest(cfg.layout.distill, {"strategy": "ddp", "method": "full", "num_workers": 2, "steps": 7,
                                    "manifest": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct"}})

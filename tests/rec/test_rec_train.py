@@ -33,7 +33,7 @@ def test_sweep_learns_the_pattern_and_writes_metrics(ray_session, synth_root):
     run_evaluate(cfg)
     with open(os.path.join(synth_root, "eval", "metrics.json")) as f:
         m = json.load(f)
-    assert os.path.exists(os.path.join(synth_root, "eval", "candidates.parquet"))
+    assert os.path.exists(os.path.join(synth_root, "eval", "candidates", "key.json"))
     rid = m["results"]["sasrec"]["id"]
     assert rid["seeds"] == [0, 1] and set(rid["per_seed"]) == {"0", "1"}
     for prot in ("sampled", "full"):
