@@ -99,6 +99,9 @@ def test_auto_picks_full_softmax_for_movielens_and_sampled_above_the_threshold()
     assert SeqRec("sasrec", "id", hp, 40).loss_kind == "sampled_softmax"
     # explicit choices are kept; "softmax" is the older spelling of the full softmax
     assert choose_loss({**sas, "loss": "softmax"}, 10**7) == "full_softmax"
+    # the hp of a run folder written before these keys existed still builds (and keeps its loss)
+    old = {**sas, "loss": "softmax"}  # no sampled_* / full_softmax_max_bytes keys
+    assert SeqRec("sasrec", "id", old, 40).loss_kind == "full_softmax"
     assert choose_loss({**sas, "loss": "bce"}, 10**7) == "bce"
     assert choose_loss({**sas, "loss": "sampled_softmax"}, 10) == "sampled_softmax"
 
