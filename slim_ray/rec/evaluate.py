@@ -364,6 +364,7 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
     cand = _prepare_candidates(cfg, shards, n_items) if "sampled" in protocols else None
     per_user_dir = storage.join(lay.eval, PER_USER)
     storage.delete_dir(per_user_dir)
+    storage.delete_file(storage.join(lay.eval, "candidates.parquet"))  # the single file of older versions
     job = {"n_items": n_items, "ks": ks, "protocols": protocols, "significance_metric": ec.significance_metric,
            "batch_users": ec.batch_users, "candidates": cand, "per_user_dir": per_user_dir,
            "runs": [{k: r[k] for k in ("dir", "tag", "backbone", "variant", "seed", "cutoff")} for r in records],
