@@ -175,7 +175,9 @@ class EncoderDeployment:
 @serve.deployment
 class RecommenderDeployment:
     """Catalogue + scorer of one run (``recommender.Recommender``), batched; the checkpoint comes
-    from ``user_config: {checkpoint: ...}`` so it can be swapped while serving."""
+    from ``user_config: {checkpoint: ...}`` so it can be swapped while serving. The per-user state
+    is memory-mapped (``slim_ray.serve.userstate``): the first replica of a data version builds
+    it, the others map what it published."""
 
     def __init__(self, cfg_dict: dict, max_batch_size: int, batch_wait_timeout_s: float):
         from slim_ray.config import PipelineConfig
@@ -230,7 +232,8 @@ class RecommenderDeployment:
         rec = self._ready()
         meta = getattr(rec.scorer, "meta", None) or {}
         return {"scorer": rec.scorer.name, "items": len(rec.catalog.titles),
-                "users": len(rec.catalog.histories), "uses_rationales": rec.uses_rationales,
+                "users": len(rec.catalog.users), "user_state": rec.catalog.users.folder,
+                "uses_rationales": rec.uses_rationales,
                 **{k: meta[k] for k in ("backbone", "variant", "seed", "best_valid_ndcg@10") if k in meta}}
 
     def check_health(self) -> None:
