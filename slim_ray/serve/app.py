@@ -114,9 +114,24 @@ def start(cfg) -> str:
 
     init_ray(cfg.ray)
     s = cfg.serve
+    prepare_user_state(cfg)
     serve.start(http_options={"host": s.host, "port": s.port})
     deploy(cfg)
     return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def prepare_user_state(cfg, checkpoint: Optional[str] = None) -> str:
+    """Build the run's memory-mapped per-user state (``slim_ray.serve.userstate``) in one Ray task
+    when it is missing, so the replicas only map it and this driver never holds per-user data.
+    Returns its URI."""
+    import ray
+
+    from slim_ray.serve.recommender import user_state_spec
+    from slim_ray.serve.userstate import ensure_published
+
+    role, vectors = user_state_spec(cfg, checkpoint)
+    task = ray.remote(num_cpus=1, max_retries=1)(ensure_published)
+    return ray.get(task.remote(cfg.layout.root, role, vectors))
 
 
 def deploy(cfg, checkpoint: Optional[str] = None) -> None:
@@ -136,6 +151,7 @@ def swap(cfg, checkpoint: str) -> None:
     URI) without dropping requests: the same graph is deployed again with only the recommender's
     ``user_config`` changed, so Serve calls ``reconfigure`` on the running replicas (each loads the
     new model beside the old one and switches when it is ready)."""
+    prepare_user_state(cfg, checkpoint)  # another run may read another role's rationales
     deploy(cfg, checkpoint)
 
 

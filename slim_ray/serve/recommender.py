@@ -146,6 +146,26 @@ def load_scorer(cfg, checkpoint: Optional[str] = None) -> Scorer:
     return TextMatchScorer(ids, vecs)
 
 
+def user_state_spec(cfg, checkpoint: Optional[str] = None) -> tuple[str, bool]:
+    """(role, vectors) of the per-user state ``Recommender`` opens for this config, read from the
+    chosen run's meta.json without loading a model: a checkpoint brings its own rationale vectors
+    (its role's), text matching reads them from the state (``serve.user_embeddings``)."""
+    s, role = cfg.serve, cfg.serve.user_embeddings
+    if s.recommender in ("auto", "checkpoint"):
+        from slim_ray.serve.checkpoint import resolve_run
+
+        try:
+            run = resolve_run(cfg, checkpoint if checkpoint is not None else s.checkpoint)
+        except FileNotFoundError:
+            run = None
+        if run is not None:
+            meta = storage.read_json(storage.join(run, "meta.json")) or {}
+            if role != "none" and meta.get("role") in ("student", "teacher"):
+                role = meta["role"]
+            return role, False
+    return role, True
+
+
 class RequestError(Exception):
     """A client error: HTTP status, the request field at fault, and a message naming it."""
 

@@ -19,9 +19,12 @@ out, as ``encode.store.read_parts`` does) and ``rationales/<role>`` (per user, a
 and with a non-empty text, the longest ``prefix_len``; among equals, the later row). Users are
 those of the sequences; vectors and texts of other users are dropped (they were never served).
 
-Where it is built: in the serve start-up path. A recommender replica (an actor, never the
-driver) calls ``ensure``; when the run has no state for the current sources (the folder name
-carries a hash of their file listings), it builds one, part by part: each Parquet part is read,
+Where it is built: in the serve start-up path, never in the driver. ``slim-ray serve``
+(``slim_ray.serve.app.start``) runs ``ensure_published`` as one Ray task before it deploys the
+graph; every recommender replica then calls ``ensure``, which builds only when the state is still
+missing (a graph started another way, e.g. a RayService, or data changed since). The folder name
+carries a hash of the sources' file listings, so new data gives a new state. A build goes part by
+part: each Parquet part is read,
 its columns appended to local scratch files, then the users are sorted and the files written in
 chunks of users, so memory holds NumPy arrays of one entry per user (ids, offsets) and one part,
 never a Python list or dict of users. Replicas on one node take a file lock, so one builds and
@@ -229,12 +232,23 @@ def ensure(layout, role: str, vectors: bool = True, cache_dir: Optional[str] = N
     """The run's state for ``role`` (``none``: histories only; ``vectors=False``: no vectors, for a
     scorer that keeps its own), built and published when missing, fetched into this node's cache
     and memory-mapped."""
+    uri = ensure_published(layout.root, role, vectors, cache_dir)
+    return UserState.open(storage.local_copy(uri, cache_dir))
+
+
+def ensure_published(run_dir: str, role: str, vectors: bool = True, cache_dir: Optional[str] = None) -> str:
+    """Build and publish the state when the run has none for its current sources; returns its
+    URI. Plain arguments, so that it can run as a Ray task (``slim_ray.serve.app.start`` does,
+    before the replicas start)."""
+    from slim_ray.layout import RunLayout
+
+    layout = RunLayout(run_dir)
     uri = state_uri(layout, role, vectors)
     if not is_published(uri):
         with _node_lock(storage.basename(uri), cache_dir):
             if not is_published(uri):
                 publish(uri, sources(layout, role, vectors))
-    return UserState.open(storage.local_copy(uri, cache_dir))
+    return uri
 
 
 @contextlib.contextmanager

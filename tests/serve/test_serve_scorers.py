@@ -123,6 +123,8 @@ def test_catalog_users_and_checkpoint_table_are_memory_mapped(cfg):
     import os
 
     from slim_ray.serve.checkpoint import CheckpointScorer
+    from slim_ray.serve.recommender import user_state_spec
+    from slim_ray.serve.userstate import state_uri
 
     text = Recommender(cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"recommender": "text"})}))
     users = text.catalog.users
@@ -140,6 +142,10 @@ def test_catalog_users_and_checkpoint_table_are_memory_mapped(cfg):
     assert scorer.stored_user_vector(2) is None
     with_ckpt = Recommender(cfg)
     assert with_ckpt.catalog.users.vectors.shape[1] == 0 and with_ckpt.catalog.rationales[1] == STORED_RATIONALE
+    # what `slim-ray serve` builds before the replicas start is the state they open
+    assert user_state_spec(cfg) == ("student", False) and user_state_spec(text.cfg) == ("student", True)
+    assert state_uri(cfg.layout, *user_state_spec(cfg)) == with_ckpt.catalog.users.folder
+    assert state_uri(cfg.layout, *user_state_spec(text.cfg)) == users.folder
 
 
 SETTINGS = {"max_k": 50, "max_history": 5, "max_rationale_chars": 20}
