@@ -7,6 +7,7 @@
     slim-ray serve-llm ...   OpenAI-compatible endpoint on Ray Serve (see --help)
     slim-ray serve     ...   the SLIM recommendation graph on Ray Serve (see --help)
     slim-ray run --config configs/paper.yaml --dry-run    the plan, checked, without loading models
+    slim-ray bench scale --users 10000,100000,1000000     every stage measured at each size (docs/scale.md)
 
 Before anything imports Ray, a local run pins Ray's listeners to loopback (``runtime.pin_loopback``):
 Ray reads that setting once, at import. A failing stage ends with one line on stderr (stage, cause,
@@ -27,6 +28,7 @@ from typing import Optional
 from slim_ray.config import ConfigError, PipelineConfig, load_config
 from slim_ray.errors import StageFailed
 from slim_ray.runtime import is_local, pin_loopback
+from slim_ray.scale.harness import STAGES as SCALE_STAGES
 from slim_ray.stages import PIPELINE_ORDER, STAGES, run_stage
 
 
@@ -76,7 +78,45 @@ def _build_parser() -> argparse.ArgumentParser:
                            "(loopback by default; docs/serve.md)")
     add_config_args(serve)
     serve.add_argument("--port", type=int, help="shortcut for --set serve.port=N")
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="measurements (docs/scale.md)")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    p = kinds.add_parser("scale", help="every stage at several numbers of users (synthetic log, LLM stand-in)")
+    p.add_argument("--users", default="10000,100000,1000000", help="comma-separated sizes")
+    p.add_argument("--out", default="runs/bench-scale", help="work folder (one sub-folder per size)")
+    p.add_argument("--stages", default=",".join(SCALE_STAGES), help="comma-separated, in pipeline order")
+    p.add_argument("--address", help="a Ray cluster to run on (default: a local Ray per stage)")
+    p.add_argument("--latency-ms", type=float, default=20.0, help="the stand-in's answer latency")
+    p.add_argument("--words", type=int, default=48, help="words per stand-in answer")
+    p.add_argument("--kill-reason", action="store_true",
+                   help="also SIGKILL reason at half way, rerun it and count rows and duplicate keys")
+    p.add_argument("--markdown", default="BENCHMARKS.md", help="where to write the table ('' for none)")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra overrides of configs/scale.yaml for every stage")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from slim_ray.scale.harness import run_bench
+
+    try:
+        sizes = [int(x.replace("_", "")) for x in args.users.split(",") if x.strip()]
+    except ValueError:
+        print(f"slim-ray: --users {args.users!r}: expected comma-separated integers", file=sys.stderr)
+        return 2
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in SCALE_STAGES]
+    if unknown or not sizes:
+        print(f"slim-ray: unknown stage(s) {unknown}; stages: {', '.join(SCALE_STAGES)}" if unknown
+              else "slim-ray: --users is empty", file=sys.stderr)
+        return 2
+    run_bench(sizes, args.out, stages, address=args.address, latency_ms=args.latency_ms, words=args.words,
+              kill_reason=args.kill_reason, extra_sets=[o for g in args.overrides for o in g],
+              markdown=args.markdown or None)
+    return 0
 
 
 def _add_serve_llm_parser(sub) -> None:
@@ -112,6 +152,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     try:
         cfg = config_from_args(args)
     except ConfigError as e:

@@ -1,0 +1,1 @@
+"""`slim-ray bench scale`: every stage measured from 10k to millions of users (docs/scale.md)."""

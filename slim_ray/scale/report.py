@@ -1,0 +1,141 @@
+"""The markdown table and plots of `slim-ray bench scale` results (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from slim_ray.scale.harness import STAGES, STAND_IN_NOTE
+
+# The scale goals: seconds per user at the largest size within 1.3x of the size below it, the
+# driver's peak RSS at most 1.5x and under 2 GiB.
+PER_USER_RATIO_GOAL = 1.3
+DRIVER_RATIO_GOAL = 1.5
+DRIVER_LIMIT_MIB = 2048
+
+
+def _sizes(results: dict[str, Any]) -> list[int]:
+    return sorted(int(n) for n in results["sizes"])
+
+
+def _fmt(x, spec: str = ",.1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def per_user_s(results: dict[str, Any], n: int, stage: str):
+    r = results["sizes"][str(n)].get(stage)
+    return None if not r else r["wall_s"] / n
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| stage | users | wall s | s per 1k users | rows | rows/s | CPU-s | driver RSS MiB | "
+             "Ray tree PSS MiB | spill MiB | output MiB | files |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage in STAGES:
+        for n in _sizes(results):
+            r = results["sizes"][str(n)].get(stage)
+            if not r:
+                continue
+            rows = r.get("rows")
+            rate = rows / r["wall_s"] if rows and r["wall_s"] else None
+            mark = " †" if stage in ("teach", "reason") else ""
+            lines.append(
+                f"| {stage}{mark} | {n:,} | {r['wall_s']:,.1f} | {1000 * r['wall_s'] / n:.3f} | "
+                f"{_fmt(rows, ',')} {r.get('rows_what', '')} | {_fmt(rate, ',.0f')} | {r['cpu_s']:,.0f} | "
+                f"{r['driver_rss_mib']:,.0f} | {r['tree_pss_mib']:,.0f} | {r['spill_mib']:,.0f} | "
+                f"{_fmt(r.get('output_bytes', 0) / 2**20, ',.1f')} | {_fmt(r.get('output_files'), ',')} |")
+    lines.append(f"\n† {STAND_IN_NOTE}.")
+    return "\n".join(lines)
+
+
+def checks(results: dict[str, Any]) -> list[str]:
+    """The scale goals, largest size against the one below it."""
+    sizes = _sizes(results)
+    if len(sizes) < 2:
+        return ["(one size measured: no ratios)"]
+    small, big = sizes[-2], sizes[-1]
+    out = [f"Ratios {big:,} vs {small:,} users (goal: seconds per user ≤ {PER_USER_RATIO_GOAL}×; driver peak "
+           f"RSS ≤ {DRIVER_RATIO_GOAL}× and < {DRIVER_LIMIT_MIB} MiB):", "",
+           "| stage | s/user ratio | driver RSS ratio | driver RSS at the largest | met |", "|---|---:|---:|---:|---|"]
+    for stage in STAGES:
+        a, b = results["sizes"][str(small)].get(stage), results["sizes"][str(big)].get(stage)
+        if not a or not b:
+            continue
+        t_ratio = (b["wall_s"] / big) / (a["wall_s"] / small)
+        m_ratio = b["driver_rss_mib"] / a["driver_rss_mib"] if a["driver_rss_mib"] else float("nan")
+        ok = t_ratio <= PER_USER_RATIO_GOAL and m_ratio <= DRIVER_RATIO_GOAL and b["driver_rss_mib"] < DRIVER_LIMIT_MIB
+        if stage == "serve":  # start-up is per replica, not per user: memory only
+            ok = m_ratio <= DRIVER_RATIO_GOAL and b["driver_rss_mib"] < DRIVER_LIMIT_MIB
+        out.append(f"| {stage} | {t_ratio:.2f}× | {m_ratio:.2f}× | {b['driver_rss_mib']:,.0f} MiB | "
+                   f"{'yes' if ok else '**no**'} |")
+    return out
+
+
+def plots(results: dict[str, Any], folder: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    sizes = _sizes(results)
+    paths = []
+    for key, ylabel, fname in [("per_1k", "seconds per 1k users", "seconds_per_1k_users.png"),
+                               ("driver_rss_mib", "driver peak RSS (MiB)", "driver_rss.png")]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for stage in STAGES:
+            xs, ys = [], []
+            for n in sizes:
+                r = results["sizes"][str(n)].get(stage)
+                if r:
+                    xs.append(n)
+                    ys.append(1000 * r["wall_s"] / n if key == "per_1k" else r[key])
+            if xs:
+                ax.plot(xs, ys, marker="o", label=stage)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("users")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(folder, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def kill_resume(results: dict[str, Any]) -> list[str]:
+    out = []
+    for n in _sizes(results):
+        k = results["sizes"][str(n)].get("reason_kill_resume")
+        if k:
+            out.append(f"- {n:,} users: driver tree SIGKILLed after {k['killed_after_s']:.0f} s with "
+                       f"{k['rows_kept_after_kill']:,} rows in the folder; the rerun skipped "
+                       f"{_fmt(k.get('skipped_already_done'), ',')} done users and ended with {k['rows']:,} rows, "
+                       f"{k['distinct_keys']:,} distinct keys, {k['distinct_users']:,} users "
+                       f"(selected {_fmt(k.get('users_selected'), ',')}), duplicates {k['duplicates']} ({STAND_IN_NOTE}).")
+    return out
+
+
+def write_markdown(results: dict[str, Any], path: str, plot_folder: str) -> str:
+    m = results["machine"]
+    si = results.get("stand_in", {})
+    pics = plots(results, plot_folder)
+    rel = [os.path.relpath(p, os.path.dirname(os.path.abspath(path))) for p in pics]
+    text = "\n".join([
+        "# Scale benchmark (`slim-ray bench scale`)", "",
+        f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['platform']}, Python {m['python']}; {m['date']}.",
+        f"Command: `slim-ray bench scale --users {','.join(str(n) for n in _sizes(results))}` "
+        "(configs/scale.yaml: synthetic Amazon-format log, a fixed catalogue of 10k items, k-core 5).",
+        f"LLM stages: {STAND_IN_NOTE}; latency {si.get('latency_ms')} ms, {si.get('words')} words per answer.",
+        "Each stage is its own `slim-ray <stage>` process with a local Ray (its start, ~10–20 s, is in the wall "
+        "time); memory is sampled every 0.5 s: the driver's RSS, and the summed PSS of the driver and every Ray "
+        "process it started.", "",
+        table(results), "", *checks(results), "", *kill_resume(results), "",
+        *[f"![{os.path.basename(p)}]({p})" for p in rel], "",
+    ])
+    with open(path, "w") as f:
+        f.write(text)
+    return text

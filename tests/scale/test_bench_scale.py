@@ -1,0 +1,83 @@
+"""The scale harness end to end at 10k users: the real `slim-ray bench scale` command, each stage
+its own `slim-ray` process with a local Ray, the LLM stages against the stand-in server.
+
+Asserts the contracts of every stage (row counts that must agree from stage to stage, no duplicate
+rationale key) and that every figure the harness records is there and plausible; never times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.compute as pc
+import pytest
+
+from slim_ray import storage
+from slim_ray.generate.store import part_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+USERS = 10_000
+STAGES = ["synth", "prepare", "teach", "reason", "encode", "train", "evaluate"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST", "AWS_")) and k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def _rows(folder: str, columns: list[str]):
+    return storage.read_table(folder, columns=columns)
+
+
+@pytest.mark.slow
+def test_bench_scale_at_10k_users_keeps_every_contract(tmp_path):
+    out, md = tmp_path / "bench", tmp_path / "BENCHMARKS.md"
+    exe = os.path.join(os.path.dirname(sys.executable), "slim-ray")
+    proc = subprocess.run([exe, "bench", "scale", "--users", str(USERS), "--stages", ",".join(STAGES),
+                           "--out", str(out), "--markdown", str(md), "--latency-ms", "2"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    r = results["sizes"][str(USERS)]
+    assert list(r) == STAGES
+
+    run = out / str(USERS) / "run"
+    seqs = _rows(str(run / "prepared" / "sequences"), ["user_id", "item_ids"])
+    items = _rows(str(run / "prepared" / "items"), ["item_id"])
+    n_users, n_items = seqs.num_rows, items.num_rows
+    assert 0.5 * USERS < n_users <= USERS and r["prepare"]["rows"] == n_users
+    assert r["synth"]["rows"] == int(json.loads((out / str(USERS) / "synth" / "synth.json").read_text())
+                                     ["summary"]["interactions"])
+
+    # teach: the fixed sample; reason: every user with a training prefix; one row per key
+    for stage, role, expected in [("teach", "teacher", min(2000, n_users)), ("reason", "student", n_users)]:
+        t = _rows(str(run / "rationales" / role), ["user_id", "rationale_key", "error"])
+        assert t.filter(pc.is_valid(t["error"])).num_rows == 0
+        assert t.num_rows == expected == r[stage]["rows"], (stage, t.num_rows, expected)
+        assert len(set(t["rationale_key"].to_pylist())) == t.num_rows  # no duplicate key
+        assert len(set(t["user_id"].to_pylist())) == t.num_rows
+        assert r[stage]["note"].startswith("LLM stand-in")
+        assert len(part_files(str(run / "rationales" / role))) == r[stage]["output_files"] - 2  # + manifest, config
+
+    # encode: one vector per item and per student rationale
+    assert _rows(str(run / "embeddings" / "items"), ["item_id"]).num_rows == n_items
+    assert _rows(str(run / "embeddings" / "student"), ["user_id"]).num_rows == n_users
+    assert r["encode"]["rows"] == n_items + n_users
+
+    # train: one finished run over every user; evaluate: every user scored
+    assert r["train"]["rows"] == n_users and r["train"]["workers"] == 2
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["num_users"] == n_users == r["evaluate"]["rows"]
+
+    for stage in STAGES:  # every figure recorded, and plausible
+        f = r[stage]
+        assert f["rc"] == 0 and f["wall_s"] > 0 and f["cpu_s"] > 0, (stage, f)
+        assert 50 < f["driver_rss_mib"] <= f["tree_rss_mib"], (stage, f)
+        assert f["output_bytes"] > 0 and f["output_files"] > 0, (stage, f)
+    text = md.read_text()
+    assert "LLM stand-in" in text and f"| reason † | {USERS:,} |" in text
+    assert (out / "plots" / "seconds_per_1k_users.png").stat().st_size > 1000
