@@ -371,7 +371,8 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
            "pairs": _pairs(records, protocols)}
     logger.warning("[evaluate] %d run(s) on %d shard(s)%s", len(records), len(shards),
                    ", candidates reused" if cand and cand["reuse"] else "")
-    task = ray.remote(num_cpus=1)(evaluate_shard)
+    # SPREAD: shards go to every node of a cluster rather than filling the first one
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(evaluate_shard)
     job_ref = ray.put(job)
     res = sorted(_ray_get([task.remote(s, job_ref) for s in shards]), key=lambda r: r["shard"])
     num_users = sum(r["users"] for r in res)

@@ -178,6 +178,43 @@ def test_sharded_metrics_equal_one_process_and_shards_do_not_change_candidates(r
     assert (_candidates(root)[1] == cand).all()
 
 
+TWO_NODES = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from slim_ray.config import load_config
+from slim_ray.rec.evaluate import evaluate_all
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+try:
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    cfg = load_config(None, [f"run_dir={sys.argv[1]}", "evaluate.num_negatives=20", "evaluate.ks=[5,10]"])
+    _, info = evaluate_all(cfg, shard_users=10)
+    print("INFO" + json.dumps(info))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_shards_run_on_both_nodes_of_a_two_node_cluster(root):
+    """Two Ray nodes on this machine (a fresh Ray in a subprocess): the 9 shard tasks spread over
+    both, and the summary names both nodes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    out = subprocess.run([sys.executable, "-c", TWO_NODES, root], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(next(ln[4:] for ln in out.stdout.splitlines() if ln.startswith("INFO")))
+    assert info["shards"] == 9 and info["per_user_rows"] == ((U - 1) * 3 + 25) * 2
+    assert len(set(info["node_ids"])) == 2
+
+
 def test_paired_t_test_from_sums_equals_scipy():
     rng = np.random.default_rng(0)
     b = rng.random(1000)
