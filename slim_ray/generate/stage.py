@@ -151,8 +151,11 @@ SUMMARY_SCHEMA = pa.schema([(k, pa.int64()) for k in ("rows", "errors", "prompt_
                            + [("node_ids", pa.list_(pa.string()))])
 
 
-def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_version: str, engine: str) -> pa.Table:
-    """Parse answers, write one Parquet part, return a one-row summary for the progress bar."""
+def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_version: str, engine: str,
+                items_path: Optional[str] = None) -> pa.Table:
+    """Parse answers, ground Step 3 in the catalog (``items_path``; the index is built once per
+    writer process), write one Parquet part, return a one-row summary for the progress bar."""
+    from slim_ray.generate.grounding import catalog_index
     from slim_ray.prompts import parse_answer
 
     n = batch.num_rows
@@ -175,6 +178,10 @@ def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_ver
         "engine": [engine] * n,
         "node_id": batch["node_id"] if "node_id" in batch.column_names else [node_id()] * n,
     }
+    if items_path:
+        cols.update(catalog_index(items_path).ground_rows(cols["step3"], batch["history_titles"].to_pylist()))
+    else:  # no catalog given: grounding unknown
+        cols.update(step3_item_ids=[None] * n, step3_grounded=[None] * n, step3_n_history=[None] * n)
     table = pa.table({k: (v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, OUTPUT_SCHEMA.field(k).type))
                       for k, v in cols.items()})
     write_part(table, out_dir)
@@ -251,6 +258,8 @@ def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
 
     if gen.role != role:
         raise GenerationError(f"config section for the {role} has role={gen.role!r}")
+    if gen.constrain_step3 and gen.engine != "hf":
+        raise GenerationError(f"{role}.constrain_step3 is implemented for engine=hf only (not {gen.engine})")
     lay = cfg.layout
     seq_files = _sequence_files(lay.sequences)
     if not storage.list_files(lay.items, suffix=".parquet", recursive=True):
@@ -288,9 +297,10 @@ def _build_dataset(cfg, gen: GenerateConfig, role: str, p: dict, tally):
     # block, so without this a 1024-user prompt block would reach the writer only when all of it
     # is done (coarse progress, and small parts could not be published early).
     ds = small_blocks(ds, gen.batch_size)
-    ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, p["run_id"])
+    extra = {"items_path": cfg.layout.items} if gen.engine == "hf" else {}  # constrained Step 3's catalog
+    ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, p["run_id"], **extra)
     writer_args = dict(out_dir=p["out_dir"], role=role, model=spec.model_id, prompt_version=p["version"],
-                       engine=gen.engine)
+                       engine=gen.engine, items_path=cfg.layout.items)
     part = dict(batch_size=gen.rows_per_file, batch_format="pyarrow", num_cpus=0)
     if gen.engine == "hf":
         # After the hf engine's actors, the writer is one long-lived actor, not a task per part:
@@ -381,6 +391,13 @@ def _finish(gen: GenerateConfig, role: str, p: dict, run: dict, tally) -> dict[s
             "rows": tot["rows"], "failed_rows": tot["failed_rows"],
             "share_all_three_steps": round(tot["all_three_steps"] / n_ok, 4) if n_ok else None,
             "share_recommending_seen_items": round(tot["seen"] / n_ok, 4) if n_ok else None,
+            # Step 3 grounded in the catalog: rows naming at least one catalog item, and rows
+            # naming an item of the history the rationale was written from (of the successful rows)
+            "share_step3_grounded": round(tot["step3_grounded"] / n_ok, 4) if n_ok else None,
+            "share_step3_naming_history": round(tot["step3_naming_history"] / n_ok, 4) if n_ok else None,
+            "mean_step3_grounded_items": round(tot["step3_items"] / n_ok, 3) if n_ok else None,
+            "share_step3_items_in_history": (round(tot["step3_history_items"] / tot["step3_items"], 4)
+                                             if tot["step3_items"] else None),
             "mean_output_tokens": round(tot["output_tokens"] / n_ok, 1) if n_ok else None,
         },
         # nodes that generated the folder's rows (across resumes), and those that worked this attempt

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from slim_ray import storage
 from slim_ray.data.schemas import RATIONALES_SCHEMA
+from slim_ray.generate.grounding import GROUNDING_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("engine", pa.string()),
         pa.field("node_id", pa.string()),  # the Ray node that generated the row (summary: nodes used)
     ]
+    + GROUNDING_FIELDS  # Step 3's items as catalog ids (slim_ray.generate.grounding)
 )
 
 
@@ -196,12 +198,16 @@ def folder_totals(out_dir: str, wanted: Optional[np.ndarray] = None) -> dict[str
     summed over the successful rows only, so a row retried after a failure counts once."""
     cols = ["user_id", "rationale_key", "error", "steps_found", "seen_items", "n_prompt_tokens", "n_output_tokens"]
     tot = {"rows": 0, "done_rows": 0, "failed_rows": 0, "prompt_tokens": 0, "output_tokens": 0,
-           "all_three_steps": 0, "seen": 0}
+           "all_three_steps": 0, "seen": 0, "step3_grounded": 0, "step3_naming_history": 0,
+           "step3_items": 0, "step3_history_items": 0}
     done_hashes = []
     nodes: set[str] = set()
     for f in part_files(out_dir):
-        has_node = "node_id" in storage.parquet_schema(f).names  # parts written before the column existed
-        t = storage.read_parquet_file(f, columns=cols + ["node_id"] * has_node)
+        names = storage.parquet_schema(f).names
+        has_node = "node_id" in names  # parts written before the column existed
+        grounded = "step3_item_ids" in names  # parts written before grounding
+        extra = ["node_id"] * has_node + ["step3_item_ids", "step3_grounded", "step3_n_history"] * grounded
+        t = storage.read_parquet_file(f, columns=cols + extra)
         if has_node:
             nodes.update(x for x in pc.unique(t["node_id"]).to_pylist() if x)
         is_err = _is_error(t)
@@ -213,6 +219,11 @@ def folder_totals(out_dir: str, wanted: Optional[np.ndarray] = None) -> dict[str
         tot["output_tokens"] += int(pc.sum(ok["n_output_tokens"]).as_py() or 0)
         tot["all_three_steps"] += int(pc.sum(pc.equal(ok["steps_found"], 3)).as_py() or 0)
         tot["seen"] += int(pc.sum(pc.greater(pc.list_value_length(ok["seen_items"]), 0)).as_py() or 0)
+        if grounded:
+            tot["step3_grounded"] += int(pc.sum(pc.fill_null(ok["step3_grounded"], False)).as_py() or 0)
+            tot["step3_naming_history"] += int(pc.sum(pc.greater(ok["step3_n_history"], 0)).as_py() or 0)
+            tot["step3_items"] += int(pc.sum(pc.list_value_length(ok["step3_item_ids"])).as_py() or 0)
+            tot["step3_history_items"] += int(pc.sum(ok["step3_n_history"]).as_py() or 0)
         if wanted is not None:
             done_hashes.append(_hashes(t))
     if wanted is not None:

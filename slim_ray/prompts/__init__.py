@@ -42,6 +42,7 @@ from slim_ray.prompts.builder import (
     build_teacher_prompt,
     cut_length,
     format_messages,
+    item_title,
     nouns_for,
     parse_messages,
     rationale_key,
@@ -56,7 +57,7 @@ from slim_ray.prompts.templates import DEFAULT_TEMPLATE, Template, load_template
 
 __all__ = [
     "CUTS", "cut_length", "BuiltPrompt", "PromptBuilder", "approx_count_tokens", "build_messages", "build_student_prompt",
-    "build_teacher_prompt", "format_messages", "nouns_for", "parse_messages", "rationale_key",
+    "build_teacher_prompt", "format_messages", "item_title", "nouns_for", "parse_messages", "rationale_key",
     "render_item", "select_history", "student_messages", "teacher_messages", "training_prefix",
     "ParsedAnswer", "normalize_title", "parse_answer", "seen_titles", "split_steps",
     "DEFAULT_TEMPLATE", "Template", "load_template", "parse_template",

@@ -68,13 +68,19 @@ def training_prefix(item_ids: Sequence[int], cut: str = "full_prefix", tail_frac
     return prefix[:cut_length(len(prefix), cut, tail_fraction, min_tail)]
 
 
-def render_item(item: Mapping[str, Any], category_label: str = "categories") -> str:
-    """``Toy Story (1995) | genres: Animation, Comedy | brand: Pixar`` (missing parts left out)."""
+def item_title(item: Mapping[str, Any]) -> str:
+    """An item's title as prompts show it: ``Godfather, The (1972)`` (the year appended when the
+    title does not end with one). Step 3 grounding and its constrained decoding use the same form."""
     title = (item.get("title") or "").strip() or f"item {item.get('item_key') or item.get('item_id')}"
     year = item.get("year")
     if year is not None and not _YEAR_SUFFIX.search(title):
         title = f"{title} ({int(year)})"
-    parts = [title]
+    return title
+
+
+def render_item(item: Mapping[str, Any], category_label: str = "categories") -> str:
+    """``Toy Story (1995) | genres: Animation, Comedy | brand: Pixar`` (missing parts left out)."""
+    parts = [item_title(item)]
     cats = [c for c in (item.get("categories") or []) if c]
     if cats:
         parts.append(f"{category_label}: {', '.join(cats)}")
