@@ -8,8 +8,9 @@
    ``embeddings/student``: a ``--dim`` float32 unit vector per user; ``rationales/student``: a text
    of ~``--text-chars`` characters per user), and the same content as a per-user state folder
    (``slim_ray.serve.userstate``: ``.npy`` files + ``state.json``) written directly with NumPy.
-   ``--check-build`` also builds the state from the Parquet parts with ``userstate.build`` (what a
-   replica does once per data version), reports its time and checks it equals the direct one.
+   ``--check-build`` also builds the state from the Parquet parts with ``userstate.build`` (what
+   ``slim-ray serve`` does once per data version) in a child process, reports its time and peak
+   anonymous / file-backed RSS, and checks it equals the direct one.
 2. Measures, each in a fresh subprocess, side by side:
    (a) ``dict``: the loading the replica did before, re-implemented here as the reference: the
        sequences into ``{user_id: [item ids]}``, ``load_embeddings`` into ``{user_id: vector}``
@@ -139,28 +140,60 @@ def write_data(root: str, n_users: int, mean_history: int, dim: int, text_chars:
     return info
 
 
+def build_child(root: str) -> dict:
+    """Build the state from the Parquet parts with the serving code (``userstate.build``)."""
+    from slim_ray.layout import RunLayout
+    from slim_ray.serve import userstate
+
+    t0 = time.perf_counter()
+    userstate.build(os.path.join(root, "built"), **userstate.sources(RunLayout(os.path.join(root, "run")), "student"))
+    return {"build_s": round(time.perf_counter() - t0, 1)}
+
+
+def _status_kib(pid: int, keys=("RssAnon", "RssFile")) -> dict:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in keys:
+                    out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
 def check_build(root: str) -> dict:
-    """Build the state from the Parquet parts with the serving code; it must equal the direct one."""
+    """Build the state in a child process (its peak anonymous and file-backed RSS sampled every
+    0.1 s: the output files are written through mappings, whose pages are page cache); the
+    result must equal the directly written state."""
     import shutil
 
     import numpy as np
 
-    from slim_ray.layout import RunLayout
     from slim_ray.serve import userstate
 
-    lay = RunLayout(os.path.join(root, "run"))
-    out = os.path.join(root, "built")
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    userstate.build(out, **userstate.sources(lay, "student"))
-    secs = time.perf_counter() - t0
-    built, direct = userstate.UserState.open(out), userstate.UserState.open(os.path.join(root, "state"))
+    shutil.rmtree(os.path.join(root, "built"), ignore_errors=True)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "build", "--data", root],
+                            stdout=subprocess.PIPE, text=True)
+    peak = {"RssAnon": 0, "RssFile": 0}
+    while proc.poll() is None:
+        for k, v in _status_kib(proc.pid).items():
+            peak[k] = max(peak[k], v)
+        time.sleep(0.1)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"the build failed (exit {proc.returncode})")
+    res = json.loads(out.strip().splitlines()[-1])
+    built = userstate.UserState.open(os.path.join(root, "built"))
+    direct = userstate.UserState.open(os.path.join(root, "state"))
     for name in userstate.FILES:
         if not np.array_equal(getattr(built, name), getattr(direct, name)):
             raise SystemExit(f"built state differs from the direct one in {name}.npy")
     del built, direct
-    shutil.rmtree(out, ignore_errors=True)
-    return {"build_s": round(secs, 1)}
+    shutil.rmtree(os.path.join(root, "built"), ignore_errors=True)
+    return {**res, "build_peak_anon_mib": round(peak["RssAnon"] / 1024, 1),
+            "build_peak_file_mib": round(peak["RssFile"] / 1024, 1)}
 
 
 # ----------------------------------------------------------------------------- one replica's start
@@ -274,8 +307,11 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3, help="fresh subprocesses per kind; the table shows medians")
     p.add_argument("--data", default=None, help="data folder (default: /tmp/slim-serve-scale/<users>)")
     p.add_argument("--check-build", action="store_true", help="also build the state from Parquet and compare")
-    p.add_argument("--child", choices=["dict", "mmap"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["dict", "mmap", "build"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child == "build":
+        print(json.dumps(build_child(args.data)), flush=True)
+        return 0
     if args.child:
         print(json.dumps(child(args.child, args.data, args.lookups, args.seed)), flush=True)
         return 0
@@ -284,8 +320,9 @@ def main() -> int:
     print(f"[data] {root}: {json.dumps(info)}", flush=True)
     if args.check_build:
         info.update(check_build(root))
-        print(f"[build] state from Parquet with userstate.build: {info['build_s']} s, equal to the direct one",
-              flush=True)
+        print(f"[build] state from Parquet with userstate.build: {info['build_s']} s, peak anonymous RSS "
+              f"{info['build_peak_anon_mib']} MiB (file-backed {info['build_peak_file_mib']} MiB), equal to the "
+              "direct one", flush=True)
     runs: dict = {"dict": [], "mmap": []}
     for r in range(args.repeat):  # alternating, so a busy moment of the machine hits both
         for kind in runs:
