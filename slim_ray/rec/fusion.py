@@ -121,6 +121,15 @@ class SeqRec(nn.Module):
             return text
         return self.g_f(torch.cat([text, self.item_id.weight], -1))
 
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """[..., d]: the rows ``ids`` of ``item_table()``, computed for those items only."""
+        if self.mode == "id":
+            return self.item_id(ids)
+        text = self.g_l(self.item_text[ids])
+        if self.mode == "text":
+            return text
+        return self.g_f(torch.cat([text, self.item_id(ids)], -1))
+
     def pop_user_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Take the per-user rationale table off the module (returns (user_text, user_has_text)), so
         that wrapping the model in DDP neither copies nor broadcasts it; the caller then passes each
@@ -189,9 +198,21 @@ class SeqRec(nn.Module):
         sampling probability (``SharedNegatives``). ``rationale`` / ``has_rationale`` /
         ``rationale_mask``: see ``user_vectors``.
         """
-        table = self.item_table()
-        h = self.user_vectors(seq, lens, users, table, rationale, has_rationale, rationale_mask)
         per_target = self.loss_kind == "bce"
+        if self.loss_kind == "full_softmax":
+            table = self.item_table()
+        else:
+            # Only the items this batch reads, predicts or samples get a vector (the text modes'
+            # item tower is a matmul over the catalog otherwise); ids are renumbered into that
+            # sub-table, 0 (padding) staying 0, which keeps every equality the backbones read.
+            if negatives is None:
+                raise ValueError(f"loss={self.loss_kind} needs negatives")
+            ids = torch.unique(torch.cat([seq.new_zeros(1), seq.flatten(), targets.flatten(), negatives.flatten()]))
+            table = self.item_vectors(ids)
+            seq, targets, negatives = (torch.searchsorted(ids, x) for x in (seq, targets, negatives))
+            if log_q is not None:
+                log_q = log_q[ids]
+        h = self.user_vectors(seq, lens, users, table, rationale, has_rationale, rationale_mask)
         if h.dim() == 3:
             sel = targets > 0
             hs, tgt = h[sel], targets[sel]
@@ -204,8 +225,8 @@ class SeqRec(nn.Module):
         if self.loss_kind == "full_softmax":
             loss = full_softmax_loss(hs, table, tgt)
         elif self.loss_kind == "sampled_softmax":
-            if negs is None or log_q is None:
-                raise ValueError("loss=sampled_softmax needs the batch's negatives and log_q (SharedNegatives)")
+            if log_q is None:
+                raise ValueError("loss=sampled_softmax needs the sampling log-probabilities log_q (SharedNegatives)")
             loss = sampled_softmax_loss(hs, table, tgt, negs, log_q)
         else:
             pos = (hs * table[tgt]).sum(-1)

@@ -31,7 +31,8 @@ def _batch():
     return seq, lens, torch.tensor([1, 2, 3]), targets
 
 
-def test_sampled_softmax_over_the_whole_catalog_is_softplus_of_the_full_cross_entropy():
+@pytest.mark.parametrize("backbone,mode", [("sasrec", "id"), ("gru4rec", "id_text"), ("srgnn", "text")])
+def test_sampled_softmax_over_the_whole_catalog_is_softplus_of_the_full_cross_entropy(backbone, mode):
     """K = n_items, uniform: the negatives are every item once and log q = -log N for all of them.
 
     Per target t with logits s_j and Z = sum_j exp(s_j), the full loss is l = log Z - s_t. The
@@ -41,8 +42,11 @@ def test_sampled_softmax_over_the_whole_catalog_is_softplus_of_the_full_cross_en
     """
     n = 30
     torch.manual_seed(0)
-    model = SeqRec("sasrec", "id", _hp(loss="sampled_softmax"), n).eval()
-    full = SeqRec("sasrec", "id", _hp(loss="full_softmax"), n).eval()
+    text = torch.cat([torch.zeros(1, 8), torch.randn(n, 8)]) if mode != "id" else None
+    hp = {**backbone_defaults(backbone), "hidden": 16, "max_len": 6}
+    users_text, has = torch.randn(4, 8), torch.ones(4, dtype=torch.bool)  # read by the text mode only
+    model = SeqRec(backbone, mode, {**hp, "loss": "sampled_softmax"}, n, text, users_text, has).eval()
+    full = SeqRec(backbone, mode, {**hp, "loss": "full_softmax"}, n, text, users_text, has).eval()
     full.load_state_dict(model.state_dict())
     assert (model.loss_kind, full.loss_kind) == ("sampled_softmax", "full_softmax")
     sampler = SharedNegatives(n, k=n, distribution="uniform")
@@ -53,15 +57,19 @@ def test_sampled_softmax_over_the_whole_catalog_is_softplus_of_the_full_cross_en
     seq, lens, users, targets = _batch()
     with torch.no_grad():
         table = model.item_table()
-        h = model.user_vectors(seq, lens, users, table)[targets > 0]
-        tgt = targets[targets > 0]
+        h = model.user_vectors(seq, lens, users, table)
+        if h.dim() == 3:  # a target after every position
+            h, tgt = h[targets > 0], targets[targets > 0]
+        else:  # SR-GNN: after the last position only
+            tgt = targets[torch.arange(len(lens)), lens - 1]
         l_full = full_softmax_loss(h, table, tgt, reduction="none")
         l_sampled = sampled_softmax_loss(h, table, tgt, negs, sampler.log_q, reduction="none")
         no_correction = sampled_softmax_loss(h, table, tgt, negs, torch.zeros(n + 1), reduction="none")
-        # the same relation through the models' forward passes (summed over the 12 targets)
+        # the same relation through the models' forward passes (summed over the targets); the
+        # sampled one computes item vectors for the batch's items only
         fwd_sampled = float(model(seq, lens, users, targets, negs, log_q=sampler.log_q))
         fwd_full = float(full(seq, lens, users, targets))
-    assert len(tgt) == 12
+    assert len(tgt) == (3 if backbone == "srgnn" else 12)
     assert torch.allclose(l_sampled, F.softplus(l_full), rtol=1e-5, atol=1e-6)
     assert torch.allclose(no_correction, l_sampled, rtol=1e-5, atol=1e-6)  # a constant shift cancels
     assert fwd_full == pytest.approx(float(l_full.sum()), rel=1e-5)
@@ -74,9 +82,14 @@ def test_sampled_softmax_over_the_whole_catalog_is_softplus_of_the_full_cross_en
         l_pop = sampled_softmax_loss(h, table, tgt, negs, pop.log_q, reduction="none")
     assert (l_pop - l_sampled).abs().max() > 1e-2
 
-    # Fewer negatives than items: [M, K + 1] logits and a different (smaller-normaliser) loss.
+    # Fewer negatives than items: the forward pass builds vectors for the batch's items only
+    # (renumbered into a sub-table) and gives the loss computed on the whole item table.
     few = SharedNegatives(n, k=5).draw(torch.Generator().manual_seed(2))
     assert len(few) == 5 and len(set(few.tolist())) == 5 and int(few.min()) >= 1 and int(few.max()) <= n
+    with torch.no_grad():
+        on_table = float(sampled_softmax_loss(h, table, tgt, few, sampler.log_q))
+        fwd_few = float(model(seq, lens, users, targets, few, log_q=sampler.log_q))
+    assert fwd_few == pytest.approx(on_table, rel=1e-5) and abs(fwd_few - fwd_sampled) > 1e-3
 
 
 def test_auto_picks_full_softmax_for_movielens_and_sampled_above_the_threshold():
