@@ -352,6 +352,10 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
     import ray
 
     ec, lay = cfg.evaluate, cfg.layout
+    ks, protocols = list(ec.ks), list(ec.protocols)
+    if ec.significance_metric not in metric_names(ks):
+        raise ValueError(f"evaluate.significance_metric={ec.significance_metric!r} is not one of the metrics "
+                         f"of evaluate.ks: {', '.join(metric_names(ks))}")
     runs = finished_runs(lay.rec)
     if not runs:
         raise FileNotFoundError(f"{lay.rec}: no finished runs (run `slim-ray train` first)")
@@ -360,7 +364,6 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
     init_ray(cfg.ray)
     n_items, cutoffs = _scan(shards, runs, rd.count_items(lay.items))
     records = _run_records(runs, cutoffs)
-    ks, protocols = list(ec.ks), list(ec.protocols)
     cand = _prepare_candidates(cfg, shards, n_items) if "sampled" in protocols else None
     per_user_dir = storage.join(lay.eval, PER_USER)
     storage.delete_dir(per_user_dir)
@@ -410,9 +413,9 @@ def _aggregate(records, res, protocols, names) -> dict[str, Any]:
     """Means per run from the shards' sums; per seed, mean and std over seeds of every (backbone, variant)."""
     groups: dict[tuple[str, str], list] = {}
     for r in records:
-        n = sum(s["runs"][r["tag"]]["n"] for s in res)
-        means = {p: {m: sum(s["runs"][r["tag"]]["sums"][p][m] for s in res if s["runs"][r["tag"]]["n"]) / n
-                     for m in names} for p in protocols}
+        shards = [s["runs"][r["tag"]] for s in res if s["runs"].get(r["tag"], {}).get("n")]
+        n = sum(x["n"] for x in shards)
+        means = {p: {m: sum(x["sums"][p][m] for x in shards) / n for m in names} for p in protocols}
         groups.setdefault((r["backbone"], r["variant"]), []).append({**r, "n": n, "means": means})
     results: dict[str, Any] = {}
     for (bb, var), items in sorted(groups.items()):

@@ -30,8 +30,8 @@ RUNS = [("sasrec", "id", None, 0, None), ("sasrec", "id", None, 1, None),
 
 
 def _write_parts(root: str) -> None:
-    """The sequences as 3 parts with users shuffled across them, row groups of 10 rows, and one
-    user too short to evaluate (2 items)."""
+    """The sequences as 3 parts with users shuffled across them, row groups of 10 rows, one user
+    too short to evaluate (2 items), and a 4th part of short users only."""
     seqs = cyclic_sequences(U, N_ITEMS, 8, 16, seed=0)
     seqs[40] = seqs[40][:2]
     storage.delete_dir(storage.join(root, "prepared", "sequences"))
@@ -42,6 +42,11 @@ def _write_parts(root: str) -> None:
                       "timestamps": pa.array([list(range(len(seqs[u - 1]))) for u in users], pa.list_(pa.int64()))},
                      schema=SEQUENCES_SCHEMA)
         storage.write_table(t, storage.join(root, "prepared", "sequences", f"part-{i}.parquet"), row_group_size=10)
+    # a part whose users are all too short: a shard with no user to evaluate
+    storage.write_table(pa.table({"user_id": pa.array([U + 1, U + 2], pa.int64()), "user_key": ["x", "y"],
+                                  "item_ids": pa.array([[1, 2], [3]], pa.list_(pa.int64())),
+                                  "timestamps": pa.array([[0, 1], [0]], pa.list_(pa.int64()))}, schema=SEQUENCES_SCHEMA),
+                        storage.join(root, "prepared", "sequences", "part-3.parquet"))
 
 
 def _finished_runs(root: str) -> None:
@@ -95,9 +100,9 @@ def test_sharded_metrics_equal_one_process_and_shards_do_not_change_candidates(r
     import ray
 
     cfg = _cfg(root)
-    assert len(plan_shards(cfg.layout.sequences, 10)) == 9 and len(plan_shards(cfg.layout.sequences)) == 3
+    assert len(plan_shards(cfg.layout.sequences, 10)) == 10 and len(plan_shards(cfg.layout.sequences)) == 4
     m, info = evaluate_all(cfg, shard_users=10)
-    assert info["shards"] == 9 and m["shards"] == 9 and not m["sampled"]["reused"]
+    assert info["shards"] == 10 and m["shards"] == 10 and not m["sampled"]["reused"]
     assert info["node_ids"] == [ray.get_runtime_context().get_node_id()]
     data = rd.load_sequences(cfg.layout.sequences, None, N_ITEMS)
     assert m["num_users"] == len(data) == U - 1
@@ -155,10 +160,10 @@ def test_sharded_metrics_equal_one_process_and_shards_do_not_change_candidates(r
                                                               abs=1e-12)
     assert set(slim.column("backbone").to_pylist()) == {"sasrec"} and set(slim.column("seed").to_pylist()) == {0}
 
-    # (b) 3 shards instead of 9: the same candidates (drawn again: the shard plan is in the key) and
+    # (b) 4 shards instead of 10: the same candidates (drawn again: the shard plan is in the key) and
     # per-user rows; above the Wilcoxon cap its p-value is null with the reason
     m3, info3 = evaluate_all(cfg, wilcoxon_max_users=50)
-    assert info3["shards"] == 3 and not m3["sampled"]["reused"]
+    assert info3["shards"] == 4 and not m3["sampled"]["reused"]
     users3, cand3 = _candidates(root)
     assert (users3 == users).all() and (cand3 == cand).all()
     rows3 = _per_user(root)
@@ -173,7 +178,7 @@ def test_sharded_metrics_equal_one_process_and_shards_do_not_change_candidates(r
     from slim_ray.rec.stage import run_evaluate
 
     summary = run_evaluate(cfg)
-    assert summary["candidates_reused"] and summary["shards"] == 3 and len(summary["node_ids"]) == 1
+    assert summary["candidates_reused"] and summary["shards"] == 4 and len(summary["node_ids"]) == 1
     assert summary["per_user_rows"] == rows.num_rows
     assert (_candidates(root)[1] == cand).all()
 
@@ -200,7 +205,7 @@ finally:
 
 
 def test_shards_run_on_both_nodes_of_a_two_node_cluster(root):
-    """Two Ray nodes on this machine (a fresh Ray in a subprocess): the 9 shard tasks spread over
+    """Two Ray nodes on this machine (a fresh Ray in a subprocess): the 10 shard tasks spread over
     both, and the summary names both nodes."""
     import json
     import os
@@ -211,7 +216,7 @@ def test_shards_run_on_both_nodes_of_a_two_node_cluster(root):
     out = subprocess.run([sys.executable, "-c", TWO_NODES, root], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     info = json.loads(next(ln[4:] for ln in out.stdout.splitlines() if ln.startswith("INFO")))
-    assert info["shards"] == 9 and info["per_user_rows"] == ((U - 1) * 3 + 25) * 2
+    assert info["shards"] == 10 and info["per_user_rows"] == ((U - 1) * 3 + 25) * 2
     assert len(set(info["node_ids"])) == 2
 
 
