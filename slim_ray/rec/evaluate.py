@@ -347,9 +347,9 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
                  wilcoxon_max_users: int = WILCOXON_MAX_USERS) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate every finished run under ``rec/`` in user shards and write metrics.json.
     Returns (metrics.json's content, {node_ids of the shard tasks, shards, per-user rows})."""
-    from slim_ray.runtime import init_ray
-
     import ray
+
+    from slim_ray.runtime import init_ray
 
     ec, lay = cfg.evaluate, cfg.layout
     ks, protocols = list(ec.ks), list(ec.protocols)
@@ -361,6 +361,8 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
         raise FileNotFoundError(f"{lay.rec}: no finished runs (run `slim-ray train` first)")
     storage.makedirs(lay.eval)
     shards = plan_shards(lay.sequences, shard_users)
+    if not shards:
+        raise ValueError(f"{lay.sequences}: no rows (run `slim-ray prepare` first)")
     init_ray(cfg.ray)
     n_items, cutoffs = _scan(shards, runs, rd.count_items(lay.items))
     records = _run_records(runs, cutoffs)
