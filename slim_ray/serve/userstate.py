@@ -79,8 +79,9 @@ class UserStateError(ValueError):
 class _View(Mapping):
     """A read-only mapping user_id -> value over the memory-mapped arrays (no dict behind it)."""
 
-    def __init__(self, state: "UserState", get, has: Optional[np.ndarray]):
-        self._state, self._get, self._has = state, get, has
+    def __init__(self, state: "UserState", get, mask=None):
+        """``mask()``: which users have a value (None: all); computed only when iterated."""
+        self._state, self._get, self._mask = state, get, mask
 
     def __getitem__(self, user_id):
         value = self._get(user_id)
@@ -89,11 +90,11 @@ class _View(Mapping):
         return value
 
     def __iter__(self) -> Iterator[int]:
-        ids = self._state.user_ids if self._has is None else self._state.user_ids[self._has]
+        ids = self._state.user_ids if self._mask is None else self._state.user_ids[self._mask()]
         return (int(u) for u in ids)
 
     def __len__(self) -> int:
-        return len(self._state.user_ids) if self._has is None else int(np.count_nonzero(self._has))
+        return len(self._state.user_ids) if self._mask is None else int(np.count_nonzero(self._mask()))
 
 
 class UserState:
@@ -111,11 +112,10 @@ class UserState:
             self.user_ids, self.history_offsets, self.history_items))
         self._vecs, self._has = self.vectors.view(np.ndarray), self.has_vector.view(np.ndarray)
         self._roff, self._rbytes = self.rationale_offsets.view(np.ndarray), self.rationale_bytes.view(np.ndarray)
-        has_text = np.diff(self._roff) > 0
         #: mappings for code that reads ``catalog.histories[u]`` and the like
-        self.histories = _View(self, self.history, None)
-        self.user_vectors = _View(self, self.vector, self.has_vector)
-        self.rationales = _View(self, self.rationale, has_text)
+        self.histories = _View(self, self.history)
+        self.user_vectors = _View(self, self.vector, lambda: self._has)
+        self.rationales = _View(self, self.rationale, lambda: np.diff(self._roff) > 0)
 
     @classmethod
     def empty(cls, dim: int = 0) -> "UserState":
