@@ -286,10 +286,10 @@ def catalog_index(items_path: str) -> CatalogIndex:
     """The catalog index of an items contract, built once per process (and per path)."""
     key = storage.normalize(items_path)
     if key not in _CACHE:
-        t = storage.read_table(key, columns=None)
+        t = storage.read_table(key, columns=["item_id", "title", "year"])
         if t is None:
             raise FileNotFoundError(f"{items_path}: no items (Parquet)")
-        _CACHE[key] = CatalogIndex(t.select([c for c in ("item_id", "title", "year") if c in t.column_names]))
+        _CACHE[key] = CatalogIndex(t)
     return _CACHE[key]
 
 
