@@ -181,6 +181,11 @@ def test_sharded_metrics_equal_one_process_and_shards_do_not_change_candidates(r
     assert summary["candidates_reused"] and summary["shards"] == 4 and len(summary["node_ids"]) == 1
     assert summary["per_user_rows"] == rows.num_rows
     assert (_candidates(root)[1] == cand).all()
+    # another seed: drawn again, other negatives, the same targets
+    other, _ = evaluate_all(load_config(None, [f"run_dir={root}", f"evaluate.num_negatives={NEG}", "evaluate.ks=[5,10]",
+                                               "evaluate.candidates_seed=7"]))
+    _, cand7 = _candidates(root)
+    assert not other["sampled"]["reused"] and (cand7[:, 0] == cand[:, 0]).all() and (cand7[:, 1:] != cand[:, 1:]).any()
 
 
 TWO_NODES = """
