@@ -14,9 +14,12 @@ contract, in this order:
    (0.85), its year, when both are known, is within one year, and both have the same sequel
    numbers ("Toy Story 2" is not "Toy Story"). Candidates share a word, or a word's first four
    letters, with the name; a name with none in common with any title stays unmatched;
-3. **mentions**: a line that is not itself a title ("I'd suggest Heat, Fargo and Alien") is
-   scanned for catalog titles (longest first, at least 4 characters, not followed by a sequel
-   number).
+3. **mentions**: a line that is not itself a title and reads as a sentence or an enumeration
+   (more than 6 words, or a comma / "and" / "or": "I'd suggest Heat, Fargo and Alien") is scanned
+   for catalog titles (longest first, at least 4 characters, not followed by a sequel number).
+
+Known limit: a name missing from the catalog whose first part is a catalog title before a
+description separator ("Star Wars: The Last Jedi" -> "Star Wars") grounds to that title.
 
 A line of Step 3 (or a list entry, or each quoted / bold span in it) is one named item. The ids
 are kept in the order named, each once. Nearest-embedding matching is not done here: a name that
@@ -61,6 +64,7 @@ _DESC_CUT = re.compile(
 _SEQUEL = re.compile(r"^(?:\d+|ii|iii|iv|v|vi|part)$")
 #: Words that carry no title identity (left out of the fuzzy score and of the word index).
 STOPWORDS = frozenset("the a an of and in on to at la le les el il l de der die das".split())
+_PROSE = re.compile(r",|;|\s(?:and|or|&)\s", re.I)
 MAX_FUZZY_WORDS = 12  # a longer "name" is a sentence: it is scanned for titles, not scored
 
 
@@ -243,7 +247,9 @@ class CatalogIndex:
                         if r is not None:
                             found = add(name, int(self.ids[r]), "fuzzy")
                             break
-            if not found:
+            if not found and (_PROSE.search(seg) or len(seg.split()) > 6):
+                # a sentence or an enumeration, not one name: scan it for titles (a short entry
+                # is one name, so an unknown "Alien Resurrection" is not read as Alien)
                 for item in self.mentions(seg):
                     add(seg, item, "mention")
         return out

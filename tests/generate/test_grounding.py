@@ -55,6 +55,7 @@ def test_fuzzy_matches_misspelt_titles_and_rejects_sequels(index):
 
 def test_unmatched_and_mentioned_titles(index):
     assert index.ground("- The Matrix (1999)\n- Inception") == []
+    assert index.ground("- Alien Resurrection") == []  # one unknown name, not a mention of Alien
     assert index.ground(None) == [] and index.ground("") == []
     # titles written inside a sentence, in the order named, each once; the article-suffix form too
     assert index.ground("I'd suggest Heat, Fargo and Alien. Heat is the best.") == [3, 6, 8]
