@@ -52,8 +52,9 @@ class RayConfig(StageConfig):
 
     address: Optional[str] = Field(
         None,
-        description="None: start a local loopback-only Ray. Otherwise 'auto', 'ray://host:10001' "
-        "or 'host:6379' to join an existing cluster.",
+        description="None: start a new local loopback-only Ray (even when another Ray runs on this "
+        "machine). Otherwise 'auto' (RAY_ADDRESS, or the cluster `ray start` recorded here), "
+        "'ray://host:10001' or 'host:6379' to join an existing cluster.",
     )
     num_cpus: Optional[int] = Field(None, description="CPUs of a local Ray (default: all).")
     object_store_memory_mb: Optional[int] = Field(
@@ -141,7 +142,9 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
         logging_level=logging.WARNING,
     )
     if is_local(cfg):
-        kwargs.update(dashboard_host="127.0.0.1")
+        # "local": always a new instance. Without it Ray 2.60 joins the cluster that the last
+        # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster (anyone's).
+        kwargs.update(address="local", dashboard_host="127.0.0.1")
         if cfg.num_cpus is not None:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.object_store_memory_mb is not None:

@@ -44,3 +44,17 @@ def test_malformed_reviews_line_gives_one_readable_error(tmp_path):
     trace = log.read_text()
     assert "Traceback" in trace and "BadInputError" in trace
     assert not (run / "prepared" / "manifest.json").exists()
+
+
+def test_a_local_run_starts_its_own_ray_whatever_else_runs_here(tmp_path):
+    """ray.address unset means a new local Ray: not the cluster named by RAY_ADDRESS or recorded by
+    someone's `ray start` (Ray 2.60 would join those for a bare ray.init()). RAY_ADDRESS points at
+    a port nothing listens on: joining it would fail the stage."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [SLIM_RAY, "prepare", "--set", f"run_dir={run}", "data.max_users=30", "ray.num_cpus=1",
+         "ray.include_dashboard=false"],
+        env=dict(_clean_env(), RAY_ADDRESS="127.0.0.1:9"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    manifest = json.loads((run / "prepared" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["users"] > 0
