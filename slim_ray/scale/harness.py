@@ -300,7 +300,7 @@ class SizeRun:
         import pyarrow.compute as pc
 
         from slim_ray import storage
-        from slim_ray.generate.store import part_files
+        from slim_ray.generate.store import pair_hash, part_files
 
         out = self.output_of("reason")
         if storage.exists(out):
@@ -314,18 +314,20 @@ class SizeRun:
         first = run_measured(self.args("reason"), self.log, self._spill("reason-killed"), until=at_half)
         rows_after_kill = sum(storage.read_parquet_file(f, columns=["user_id"]).num_rows for f in part_files(out))
         second = run_measured(self.args("reason"), self.log, self._spill("reason-resumed"))
-        keys, users, rows = set(), set(), 0
+        # A row is identified by (user_id, rationale_key): two users with the same history prefix
+        # get the same prompt, hence the same key, and each needs its row.
+        pairs, users, rows = set(), set(), 0
         for f in part_files(out):
             t = storage.read_parquet_file(f, columns=["user_id", "rationale_key", "error"])
             t = t.filter(pc.is_null(t["error"]))
             rows += t.num_rows
-            keys.update(t["rationale_key"].to_pylist())
+            pairs.update(pair_hash(t["user_id"].to_pylist(), t["rationale_key"].to_pylist()).tolist())
             users.update(t["user_id"].to_pylist())
         s = self.summary("reason")
         return {"killed": first["killed"], "killed_after_s": first["wall_s"], "rows_kept_after_kill": rows_after_kill,
                 "resumed_wall_s": second["wall_s"], "resumed_rc": second["rc"], "rows": rows,
-                "distinct_keys": len(keys), "distinct_users": len(users), "users_selected": s.get("users_selected"),
-                "duplicates": rows - len(keys), "skipped_already_done": s.get("skipped_already_done"),
+                "distinct_pairs": len(pairs), "distinct_users": len(users), "users_selected": s.get("users_selected"),
+                "duplicates": rows - len(pairs), "skipped_already_done": s.get("skipped_already_done"),
                 "note": STAND_IN_NOTE}
 
 

@@ -114,7 +114,7 @@ def kill_resume(results: dict[str, Any]) -> list[str]:
             out.append(f"- {n:,} users: driver tree SIGKILLed after {k['killed_after_s']:.0f} s with "
                        f"{k['rows_kept_after_kill']:,} rows in the folder; the rerun skipped "
                        f"{_fmt(k.get('skipped_already_done'), ',')} done users and ended with {k['rows']:,} rows, "
-                       f"{k['distinct_keys']:,} distinct keys, {k['distinct_users']:,} users "
+                       f"{k['distinct_pairs']:,} distinct (user, key) pairs, {k['distinct_users']:,} users "
                        f"(selected {_fmt(k.get('users_selected'), ',')}), duplicates {k['duplicates']} ({STAND_IN_NOTE}).")
     return out
 
