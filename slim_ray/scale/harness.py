@@ -331,6 +331,46 @@ class SizeRun:
                 "note": STAND_IN_NOTE}
 
 
+# ---------------------------------------------------------------------------- a real engine
+
+# The figure a GPU fleet estimate assumes, and where it comes from.
+PAPER_A100_S_PER_RATIONALE = 6.11  # SLIM (arXiv 2403.04260), its cost comparison: one student rationale on one A100
+
+
+def real_engine(out: str, engine: str = "hf", users: int = 16, new_tokens: int = 32) -> dict[str, Any]:
+    """A real LLM on this machine at demo scale (MovieLens-100K slice, the packaged SmolLM2-135M),
+    measured in the same bench run, so the stand-in's figures stand beside a real engine's."""
+    work = os.path.join(out, f"real-{engine}")
+    os.makedirs(work, exist_ok=True)
+    log = os.path.join(work, "stages.log")
+    sets = [f"run_dir={os.path.join(work, 'run')}", "data.max_users=200", f"teacher.engine={engine}",
+            "teacher.model=smollm2-135m-instruct", f"teacher.num_users={users}", f"teacher.max_new_tokens={new_tokens}",
+            f"teacher.min_new_tokens={new_tokens}", "teacher.num_workers=1", "teacher.batch_size=8",
+            "ray.include_dashboard=false"]
+    for stage in ("prepare", "teach"):
+        res = run_measured([stage, "--force", "--set", *sets], log, os.path.join(work, "spill", stage))
+        if res["rc"] != 0:
+            raise RuntimeError(f"real-engine {stage} failed (exit {res['rc']}); see {log}")
+    from slim_ray.lineage import read_manifest
+
+    s = read_manifest(os.path.join(work, "run", "rationales", "teacher"))["summary"]
+    return {"engine": engine, "model": s.get("model_id"), "rows": s.get("done_rows"), "wall_s": res["wall_s"],
+            "generation_s": s.get("generation_seconds"), "output_tokens": s.get("output_tokens"),
+            "output_tokens_per_s": s.get("output_tokens_per_s"), "replicas": 1, "cpus_per_replica": 1}
+
+
+def fleet_estimate(users: int, real: Optional[dict[str, Any]], new_tokens: int = 64) -> dict[str, Any]:
+    """users x tokens / (tokens/s per replica), for this machine's replica and for A100s."""
+    out = {"users": users, "new_tokens": new_tokens,
+           "a100_s_per_rationale": PAPER_A100_S_PER_RATIONALE,
+           "a100_source": "SLIM, Wang et al., WWW 2024 (arXiv 2403.04260): 6.11 s per student rationale on one A100",
+           "a100_gpu_hours": round(users * PAPER_A100_S_PER_RATIONALE / 3600, 1)}
+    if real and real.get("output_tokens_per_s"):
+        out["cpu_replica_tokens_per_s"] = real["output_tokens_per_s"]
+        out["cpu_replica_hours"] = round(users * new_tokens / real["output_tokens_per_s"] / 3600, 1)
+    return out
+
+
 # ---------------------------------------------------------------------------- the whole bench
 
 
@@ -344,7 +384,8 @@ def machine_stamp() -> dict[str, Any]:
 
 def run_bench(sizes: list[int], out: str, stages: list[str], address: Optional[str] = None,
               latency_ms: float = 20.0, words: int = 48, kill_reason: bool = False,
-              extra_sets: Optional[list[str]] = None, markdown: Optional[str] = None) -> dict[str, Any]:
+              extra_sets: Optional[list[str]] = None, markdown: Optional[str] = None,
+              real: Optional[str] = None) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     results_path = os.path.join(out, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {"sizes": {}}
@@ -369,6 +410,11 @@ def run_bench(sizes: list[int], out: str, stages: list[str], address: Optional[s
                 json.dump(results, open(results_path, "w"), indent=1)
     finally:
         stand_in.close()
+    if real:
+        print(f"[bench scale] a real engine at demo scale: {real} ...", flush=True)
+        results["real_engine"] = real_engine(out, real)
+        results["fleet"] = fleet_estimate(max(int(n) for n in results["sizes"]), results["real_engine"])
+        json.dump(results, open(results_path, "w"), indent=1)
     if markdown:
         from slim_ray.scale.report import write_markdown
 

@@ -119,6 +119,23 @@ def kill_resume(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def real_engine_lines(results: dict[str, Any]) -> list[str]:
+    r, f = results.get("real_engine"), results.get("fleet")
+    if not r:
+        return []
+    lines = [f"A real engine in the same run, at demo scale: `{r['engine']}` with {r['model']}, "
+             f"{r['replicas']} replica × {r['cpus_per_replica']} CPU, {r['rows']} MovieLens-100K users: "
+             f"{r['output_tokens']:,} output tokens in {r['generation_s']:.1f} s = "
+             f"**{r['output_tokens_per_s']:.1f} tokens/s** ({r['wall_s']:.0f} s with Ray start and model load)."]
+    if f:
+        lines += ["", f"What {f['users']:,} users' rationales ({f['new_tokens']} new tokens each) take with a real LLM: "
+                  f"users × tokens ÷ tokens/s per replica = {f.get('cpu_replica_hours', '–')} hours on one such CPU "
+                  f"replica; at {f['a100_s_per_rationale']} s per rationale per A100 ({f['a100_source']}) "
+                  f"{f['a100_gpu_hours']:,} A100-hours, i.e. {f['a100_gpu_hours'] / 64:,.1f} hours on 64 A100s. "
+                  "The stand-in rows above measure everything around the LLM; these figures bound the LLM itself."]
+    return lines
+
+
 def write_markdown(results: dict[str, Any], path: str, plot_folder: str) -> str:
     m = results["machine"]
     si = results.get("stand_in", {})
@@ -133,7 +150,7 @@ def write_markdown(results: dict[str, Any], path: str, plot_folder: str) -> str:
         "Each stage is its own `slim-ray <stage>` process with a local Ray (its start, ~10–20 s, is in the wall "
         "time); memory is sampled every 0.5 s: the driver's RSS, and the summed PSS of the driver and every Ray "
         "process it started.", "",
-        table(results), "", *checks(results), "", *kill_resume(results), "",
+        table(results), "", *checks(results), "", *kill_resume(results), "", *real_engine_lines(results), "",
         *[f"![{os.path.basename(p)}]({p})" for p in rel], "",
     ])
     with open(path, "w") as f:
