@@ -4,7 +4,6 @@ columns and summary counts, and constrained Step 3 decoding with the packaged Sm
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pyarrow as pa
@@ -19,7 +18,7 @@ from slim_ray.generate.models import GenerationError
 from slim_ray.generate.stage import PROMPT_ROW_SCHEMA, run_teach, write_batch
 from slim_ray.generate.store import folder_totals, part_files
 from slim_ray.prompts import parse_answer
-from slim_ray.storage import read_parquet_file, write_table
+from slim_ray.storage import read_parquet_file
 
 MODEL = "smollm2-135m-instruct"
 # item ids of gen_data.MOVIES: 3 Heat, 4 Godfather, 5 Star Wars, 6 Fargo, 8 Alien, 9 Casablanca,
@@ -215,3 +214,28 @@ def test_constrained_generate_with_the_packaged_model(tmp_path, index):
         ids = index.ground(step3)
         assert ids and not set(ids) & index.history_ids(h), step3
         assert all(line.startswith("- ") for line in step3.splitlines())
+
+
+def test_teach_with_constrained_step3_writes_grounding(ray_session, tmp_path):
+    """The stage wiring: with constrain_step3 the hf actors get the catalog, the flag is part of
+    rationale_key, the rows carry the grounding columns and the summary its shares."""
+    from slim_ray.generate.engines import sampling_params
+    from slim_ray.prompts import rationale_key
+
+    run = str(tmp_path / "run")
+    write_prepared(run, n_users=2)
+    cfg = load_config(None, [f"run_dir={run}", f"teacher.model={MODEL}", "teacher.num_users=null",
+                             "teacher.max_new_tokens=3", "teacher.constrain_step3=true"])
+    s = run_teach(cfg)
+    assert s["done_rows"] == 2 and s["failed_rows"] == 0
+    out = s["output"]
+    # 3 tokens never reach Step 3: nothing grounded, and the shares say so
+    assert (out["share_step3_grounded"], out["share_step3_naming_history"], out["mean_step3_grounded_items"]) == (0.0, 0.0, 0.0)
+    t = read_parquet_file(part_files(cfg.layout.rationales("teacher"))[0])
+    assert t["step3_item_ids"].to_pylist() == [[], []] and t["step3_grounded"].to_pylist() == [False, False]
+    params = sampling_params(cfg.teacher)
+    assert params["constrain_step3"] is True
+    free = {k: v for k, v in params.items() if k != "constrain_step3"}
+    for r in t.to_pylist():
+        assert r["rationale_key"] == rationale_key(r["model"], r["prompt_version"], params, r["prompt"])
+        assert r["rationale_key"] != rationale_key(r["model"], r["prompt_version"], free, r["prompt"])
