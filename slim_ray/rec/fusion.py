@@ -216,12 +216,12 @@ class SeqRec(nn.Module):
         if h.dim() == 3:
             sel = targets > 0
             hs, tgt = h[sel], targets[sel]
-            negs = negatives[sel] if per_target and negatives is not None else negatives
+            negs = negatives[sel] if per_target else negatives
         else:
             last = lens - 1
             ar = torch.arange(len(lens), device=h.device)
             hs, tgt = h, targets[ar, last]
-            negs = negatives[ar, last] if per_target and negatives is not None else negatives
+            negs = negatives[ar, last] if per_target else negatives
         if self.loss_kind == "full_softmax":
             loss = full_softmax_loss(hs, table, tgt)
         elif self.loss_kind == "sampled_softmax":
