@@ -348,7 +348,7 @@ class EvalConfig(StageConfig):
     num_negatives: int = Field(
         100, ge=1,
         description="Sampled protocol: negatives per user, uniformly drawn from items NOT in the user's "
-        "whole sequence, drawn once (seeded) and stored in eval/candidates.parquet.",
+        "whole sequence, drawn per user from (seed, user_id) and stored in the eval/candidates/ dataset.",
     )
     candidates_seed: int = Field(2024, description="Seed of the stored sampled candidates.")
     protocols: list[Literal["sampled", "full"]] = Field(

@@ -54,7 +54,7 @@ def run_train(cfg) -> dict[str, Any]:
         summary["runs"][tag] = {"best_epoch": meta["best_epoch"], "valid_ndcg@10": round(meta["best_valid_ndcg@10"], 4),
                                 "epochs": len(meta["epoch_seconds"]), "seconds": meta["wall_seconds"],
                                 "fallback_users": meta["fallback_users"],
-                                "rationale_protocol": meta.get("rationale_protocol")}
+                                "rationale_protocol": meta.get("rationale_protocol"), "loss": meta.get("loss")}
         logger.warning("[train] %s: valid NDCG@10 %.4f at epoch %d (%d epochs, %.0fs)", tag,
                        meta["best_valid_ndcg@10"], meta["best_epoch"], len(meta["epoch_seconds"]), meta["wall_seconds"])
     summary["node_ids"] = sorted(nodes)  # the Train workers' nodes of the runs trained by this call

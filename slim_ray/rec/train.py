@@ -268,10 +268,12 @@ class _Run:
         gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         gbs, k_neg, world, dev = int(self.hp["batch_size"]), int(self.hp["num_negatives"]), self.world, self.device
         total = 0.0
+        self.n_examples, self.n_steps = len(order), 0
         for b in range(0, len(order), gbs):
             gidx = order[b:b + gbs]
             if len(gidx) < world:
                 continue  # a tail batch smaller than the world: skipped by every worker alike
+            self.n_steps += 1
             n_tgt = int((ex.targets[gidx] > 0).sum())
             negs = shared = None
             if self.core.loss_kind == "bce":
@@ -354,6 +356,12 @@ class _Run:
         write_run(run_dir, state, meta)
 
 
+def _peak_rss_mib() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def train_one(spec: dict[str, Any], run_dir: str) -> None:
     """Train one run (every worker), then rank 0 publishes ``run_dir/model.pt`` + ``meta.json``."""
     import torch
@@ -373,7 +381,9 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
         secs = time.time() - t0
         run.epoch_secs.append(secs)
         metrics = {"run": tag, "epoch": epoch, "epoch_seconds": secs,
-                   "train_loss": float(loss_sum.item() / max(1, run.n_targets))}
+                   "train_loss": float(loss_sum.item() / max(1, run.n_targets)),
+                   # for seconds per step and examples/s at scale (bench scale); RSS of this worker
+                   "steps": run.n_steps, "examples": run.n_examples, "worker_rss_mib": _peak_rss_mib()}
         if (epoch + 1) % int(spec["eval_every"]) and epoch + 1 != epochs:
             run.history.append(metrics)
             continue
