@@ -26,10 +26,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
+
+from slim_ray.scale.monitor import TreeMonitor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -38,50 +39,13 @@ ROOT = os.path.dirname(HERE)
 # --------------------------------------------------------------------------- measuring
 
 
-class TreeMemory(threading.Thread):
-    """Samples the summed RSS and PSS of a process and all its descendants; keeps the peaks."""
-
-    def __init__(self, pid: int, every: float = 0.5):
-        super().__init__(daemon=True)
-        self.pid, self.every = pid, every
-        self.peak_rss = self.peak_pss = 0
-        self.peak_procs = 0
-        self.cpu: dict[int, float] = {}  # pid -> last seen user+system seconds
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root] + root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            rss = pss = 0
-            for p in procs:
-                try:
-                    mi = p.memory_full_info()
-                    rss += mi.rss
-                    pss += getattr(mi, "pss", mi.rss)
-                    ct = p.cpu_times()
-                    self.cpu[p.pid] = ct.user + ct.system
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self.peak_procs = max(self.peak_procs, len(procs))
-            self._halt.wait(self.every)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-
-
 def run_child(argv: list[str], log_path: str) -> dict:
     """Run ``bench/prepare.py --child ...``; return its JSON result + wall time and peak memory."""
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv, stdout=subprocess.PIPE,
                                 stderr=log, text=True, cwd=ROOT)
-        mon = TreeMemory(proc.pid)
+        mon = TreeMonitor(proc.pid)
         mon.start()
         out, _ = proc.communicate()
         mon.stop()
@@ -90,7 +54,7 @@ def run_child(argv: list[str], log_path: str) -> dict:
         raise SystemExit(f"child {argv[:2]} failed (exit {proc.returncode}); see {log_path}")
     result = json.loads(out.strip().splitlines()[-1])
     result.update(wall=wall, peak_rss=mon.peak_rss, peak_pss=mon.peak_pss, processes=mon.peak_procs,
-                  cpu_seconds=round(sum(mon.cpu.values()), 1))
+                  cpu_seconds=mon.cpu_seconds)
     return result
 
 

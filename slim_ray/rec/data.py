@@ -48,30 +48,39 @@ class RecData:
         return len(self.user_ids)
 
 
-def load_sequences(path: str, max_users: Optional[int] = None, n_items: Optional[int] = None) -> RecData:
-    """Read the ``sequences`` contract (users with >= 3 items). ``n_items`` defaults to the largest id seen."""
-    t = _read_contract(path, SEQUENCES_SCHEMA, ["user_id", "item_ids"]).sort_by("user_id")
+def _users_with_sequences(t: pa.Table) -> tuple[np.ndarray, list]:
+    """(user ids, item-id arrays) of the users with >= 3 items of a (user_id, item_ids) table, by user_id."""
+    t = t.sort_by("user_id")
     users = t.column("user_id").to_numpy()
     lists = t.column("item_ids").combine_chunks()
     offsets = lists.offsets.to_numpy()
     flat = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
     seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(users))]
     keep = np.array([len(s) >= 3 for s in seqs], dtype=bool)
-    users = users[keep]
-    seqs = [s for s, k in zip(seqs, keep) if k]
+    return (users[keep] if len(users) else users), [s for s, k in zip(seqs, keep) if k]
+
+
+def _checked(source: str, users: np.ndarray, seqs: list, n_items: Optional[int]) -> RecData:
+    """RecData after the checks every reader makes: ids >= 1, none above ``n_items``."""
+    bad = [int(u) for u, s in zip(users, seqs) if (s <= 0).any()]
+    if bad:
+        raise ValueError(f"{source}: item_ids must be >= 1 (0 is padding); user_id {bad[:5]} break this")
+    largest = max((int(s.max()) for s in seqs), default=0)
+    if n_items is None:
+        n_items = largest
+    elif largest > n_items:
+        raise ValueError(f"{source}: item id {largest} > number of items {n_items}")
+    return RecData(np.asarray(users, dtype=np.int64), seqs, int(n_items), int(users.max()) if len(users) else 0)
+
+
+def load_sequences(path: str, max_users: Optional[int] = None, n_items: Optional[int] = None) -> RecData:
+    """Read the ``sequences`` contract (users with >= 3 items). ``n_items`` defaults to the largest id seen."""
+    users, seqs = _users_with_sequences(_read_contract(path, SEQUENCES_SCHEMA, ["user_id", "item_ids"]))
     if max_users is not None:
         users, seqs = users[:max_users], seqs[:max_users]
     if not len(users):
         raise ValueError(f"{path}: no user has 3 or more items (leave-one-out needs train, valid, test)")
-    bad = [int(u) for u, s in zip(users, seqs) if (s <= 0).any()]
-    if bad:
-        raise ValueError(f"{path}: item_ids must be >= 1 (0 is padding); user_id {bad[:5]} break this")
-    largest = max(int(s.max()) for s in seqs)
-    if n_items is None:
-        n_items = largest
-    elif largest > n_items:
-        raise ValueError(f"{path}: item id {largest} > number of items {n_items}")
-    return RecData(users.astype(np.int64), seqs, int(n_items), int(users.max()))
+    return _checked(path, users, seqs, n_items)
 
 
 def count_items(items_path: str) -> Optional[int]:
@@ -333,21 +342,5 @@ def load_sequence_shard(part: str, row_groups: list[int], n_items: Optional[int]
     fs, p = storage.resolve(part)
     t = pq.ParquetFile(p, filesystem=fs).read_row_groups(row_groups, columns=["user_id", "item_ids"])
     check_columns(t, pa.schema([SEQUENCES_SCHEMA.field(c) for c in ("user_id", "item_ids")]), part)
-    t = t.sort_by("user_id")
-    users = t.column("user_id").to_numpy()
-    lists = t.column("item_ids").combine_chunks()
-    offsets = lists.offsets.to_numpy()
-    flat = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(users))]
-    keep = np.array([len(s) >= 3 for s in seqs], dtype=bool)
-    users = users[keep] if len(users) else users
-    seqs = [s for s, k in zip(seqs, keep) if k]
-    bad = [int(u) for u, s in zip(users, seqs) if (s <= 0).any()]
-    if bad:
-        raise ValueError(f"{part}: item_ids must be >= 1 (0 is padding); user_id {bad[:5]} break this")
-    largest = max((int(s.max()) for s in seqs), default=0)
-    if n_items is None:
-        n_items = largest
-    elif largest > n_items:
-        raise ValueError(f"{part}: item id {largest} > number of items {n_items}")
-    return RecData(np.asarray(users, dtype=np.int64), seqs, int(n_items), int(users.max()) if len(users) else 0)
+    users, seqs = _users_with_sequences(t)
+    return _checked(part, users, seqs, n_items)
