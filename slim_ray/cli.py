@@ -95,6 +95,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--kill-reason", action="store_true",
                    help="also SIGKILL reason at half way, rerun it and count rows and duplicate keys")
     p.add_argument("--markdown", default="BENCHMARKS.md", help="where to write the table ('' for none)")
+    p.add_argument("--render-only", action="store_true",
+                   help="only write the markdown (and plots) again from <out>/results.json")
     p.add_argument("--real-engine", choices=["hf", "vllm"], help="also time a real engine at demo scale "
                    "(SmolLM2-135M, 16 MovieLens users) and extrapolate to the largest size")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -115,6 +117,11 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"slim-ray: unknown stage(s) {unknown}; stages: {', '.join(SCALE_STAGES)}" if unknown
               else "slim-ray: --users is empty", file=sys.stderr)
         return 2
+    if args.render_only:
+        from slim_ray.scale.harness import render
+
+        render(args.out, args.markdown or "BENCHMARKS.md")
+        return 0
     run_bench(sizes, args.out, stages, address=args.address, latency_ms=args.latency_ms, words=args.words,
               kill_reason=args.kill_reason, extra_sets=[o for g in args.overrides for o in g],
               markdown=args.markdown or None, real=args.real_engine)

@@ -416,7 +416,14 @@ def run_bench(sizes: list[int], out: str, stages: list[str], address: Optional[s
         results["fleet"] = fleet_estimate(max(int(n) for n in results["sizes"]), results["real_engine"])
         json.dump(results, open(results_path, "w"), indent=1)
     if markdown:
-        from slim_ray.scale.report import write_markdown
-
-        write_markdown(results, markdown, os.path.join(out, "plots"))
+        render(out, markdown)
     return results
+
+
+def render(out: str, markdown: str) -> str:
+    """The markdown table of ``<out>/results.json``, with its plots in ``docs/img/scale/`` beside it."""
+    from slim_ray.scale.report import write_markdown
+
+    results = json.load(open(os.path.join(out, "results.json")))
+    plots = os.path.join(os.path.dirname(os.path.abspath(markdown)), "docs", "img", "scale")
+    return write_markdown(results, markdown, plots)

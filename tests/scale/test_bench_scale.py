@@ -82,4 +82,4 @@ def test_bench_scale_at_10k_users_keeps_every_contract(tmp_path):
         assert f["output_bytes"] > 0 and f["output_files"] > 0, (stage, f)
     text = md.read_text()
     assert "LLM stand-in" in text and f"| reason † | {USERS:,} |" in text
-    assert (out / "plots" / "seconds_per_1k_users.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "img" / "scale" / "seconds_per_1k_users.png").stat().st_size > 1000
