@@ -95,27 +95,32 @@ def load_data(spec: dict[str, Any]):
     return rd.load_sequences(spec["sequences"], spec["max_users"], n_items)
 
 
-def valid_ndcg(model, split, rank: int, world: int, device, user_table=None, k: int = 10) -> tuple[float, float]:
-    """(sum of NDCG@k, sum of HR@k) over this worker's shard of the validation users.
+def valid_ndcg(model, split, rank: int, world: int, device, user_table=None, k: int = 10,
+               batch_users: int = 2048) -> tuple[float, float]:
+    """(sum of NDCG@k, sum of HR@k) over this worker's shard of the validation users, ``batch_users``
+    at a time (the backbone's activations for every user at once grow with the number of users).
     ``user_table``: (rationale vectors, has) indexed by user id, for the rationale modes."""
     import torch
 
     from slim_ray.rec.metrics import evaluate_vectors
 
-    idx = np.arange(rank, len(split.users), world)
-    if not len(idx):
-        return 0.0, 0.0
-    sub = _subset(split, idx)
-    users = torch.as_tensor(sub.users)
-    rat = has = None
-    if user_table is not None:
-        rat, has = user_table[0][users].to(device), user_table[1][users].to(device)
+    mine = np.array_split(np.arange(len(split.users)), world)[rank]  # a contiguous block per worker
+    ndcg = hr = 0.0
     with torch.no_grad():
         table = model.item_table()
-        uv = model.last_user_vectors(torch.as_tensor(sub.seq, device=device), torch.as_tensor(sub.lens, device=device),
-                                     users.to(device), table, rat, has)
-        m = evaluate_vectors(uv, table, sub, [k])["full"]
-    return float(m[f"ndcg@{k}"].sum()), float(m[f"hr@{k}"].sum())
+        for start in range(0, len(mine), batch_users):
+            block = mine[start:start + batch_users]
+            sub = _rows_slice(split, int(block[0]), int(block[-1]) + 1)
+            users = torch.as_tensor(sub.users)
+            rat = has = None
+            if user_table is not None:
+                rat, has = user_table[0][users].to(device), user_table[1][users].to(device)
+            uv = model.last_user_vectors(torch.as_tensor(sub.seq, device=device),
+                                         torch.as_tensor(sub.lens, device=device), users.to(device), table, rat, has)
+            m = evaluate_vectors(uv, table, sub, [k])["full"]
+            ndcg += float(m[f"ndcg@{k}"].sum())
+            hr += float(m[f"hr@{k}"].sum())
+    return ndcg, hr
 
 
 def train_item_counts(data) -> np.ndarray:
@@ -139,14 +144,13 @@ def negative_sampler(hp: dict[str, Any], data):
     return SharedNegatives(data.n_items, k, distribution, counts)
 
 
-def _subset(split, idx: np.ndarray):
+def _rows_slice(split, lo: int, hi: int):
+    """Users ``lo:hi`` of an EvalSplit (its exclusion rows are sorted by user: a searchsorted cut)."""
     from slim_ray.rec.data import EvalSplit
 
-    pos = np.full(len(split.users), -1)
-    pos[idx] = np.arange(len(idx))
-    keep = pos[split.excl_rows] >= 0
-    return EvalSplit(split.users[idx], split.seq[idx], split.lens[idx], split.targets[idx],
-                     pos[split.excl_rows[keep]], split.excl_cols[keep], split.n_candidates[idx])
+    a, b = np.searchsorted(split.excl_rows, [lo, hi])
+    return EvalSplit(split.users[lo:hi], split.seq[lo:hi], split.lens[lo:hi], split.targets[lo:hi],
+                     split.excl_rows[a:b] - lo, split.excl_cols[a:b], split.n_candidates[lo:hi])
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -382,12 +386,13 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
         run.epoch_secs.append(secs)
         metrics = {"run": tag, "epoch": epoch, "epoch_seconds": secs,
                    "train_loss": float(loss_sum.item() / max(1, run.n_targets)),
-                   # for seconds per step and examples/s at scale (bench scale); RSS of this worker
-                   "steps": run.n_steps, "examples": run.n_examples, "worker_rss_mib": _peak_rss_mib()}
+                   # for seconds per step and examples/s at scale (bench scale)
+                   "steps": run.n_steps, "examples": run.n_examples}
         if (epoch + 1) % int(spec["eval_every"]) and epoch + 1 != epochs:
-            run.history.append(metrics)
+            run.history.append(dict(metrics, worker_rss_mib=_peak_rss_mib()))
             continue
         improved = run.validate(metrics)
+        metrics["worker_rss_mib"] = _peak_rss_mib()  # this worker's peak so far, validation included
         run.history.append(metrics)
         run.report(metrics, improved)
         if run.bad >= int(run.hp["patience"]):
