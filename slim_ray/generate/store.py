@@ -162,7 +162,8 @@ def compact(out_dir: str, wanted: Optional[np.ndarray]) -> dict[str, int]:
     kept = _KeptSet(wanted_sorted)
     stats = {"rows": 0, "dropped_stale": 0, "dropped_duplicate": 0, "dropped_superseded_error": 0, "errors": 0}
     for f in part_files(out_dir):
-        t = storage.read_parquet_file(f)
+        # the keys decide; the whole part (prompts, texts) is read only when it must be rewritten
+        t = storage.read_parquet_file(f, columns=["user_id", "rationale_key", "error"])
         h = _hashes(t)
         is_err = _is_error(t)
         stale = np.zeros(len(h), dtype=bool) if wanted_sorted is None else ~_isin(h, wanted_sorted)
@@ -186,7 +187,7 @@ def compact(out_dir: str, wanted: Optional[np.ndarray]) -> dict[str, int]:
         if not keep.any():
             storage.delete_file(f)
         else:
-            storage.write_table(t.filter(pa.array(keep)), f)
+            storage.write_table(storage.read_parquet_file(f).filter(pa.array(keep)), f)
     return stats
 
 
