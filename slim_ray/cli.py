@@ -122,9 +122,13 @@ def _bench(args: argparse.Namespace) -> int:
 
         render(args.out, args.markdown or "BENCHMARKS.md")
         return 0
-    run_bench(sizes, args.out, stages, address=args.address, latency_ms=args.latency_ms, words=args.words,
-              kill_reason=args.kill_reason, extra_sets=[o for g in args.overrides for o in g],
-              markdown=args.markdown or None, real=args.real_engine)
+    try:
+        run_bench(sizes, args.out, stages, address=args.address, latency_ms=args.latency_ms, words=args.words,
+                  kill_reason=args.kill_reason, extra_sets=[o for g in args.overrides for o in g],
+                  markdown=args.markdown or None, real=args.real_engine)
+    except (RuntimeError, ConfigError) as e:  # a stage failed: its own log has the trace
+        print(f"slim-ray: bench scale: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -187,8 +187,9 @@ class SizeRun:
             return self.serve_warmup()
         if name == "synth":
             res = run_measured(["synth", "--config", CONFIG, "--set", *self.sets], self.log, self._spill(name))
-        else:
-            res = run_measured(self.args(name, "--force"), self.log, self._spill(name))
+        else:  # --force: measured again even when fresh (and train retrains its finished run)
+            more = ["--force"] + (["--set", "rec.force=true"] if name == "train" else [])
+            res = run_measured(self.args(name, *more), self.log, self._spill(name))
         if res["rc"] != 0:
             raise RuntimeError(f"{name} at {self.n:,} users failed (exit {res['rc']}); see {self.log}")
         res.update(output_listing(self.output_of(name)))
