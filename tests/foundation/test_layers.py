@@ -28,7 +28,7 @@ LAYERS = {
     "prompts": 2, "data": 2,
     **{m: 3 for m in ("generate", "distill", "encode", "rec", "report")},
     "serve": 4,
-    **{m: 5 for m in ("stages", "pipeline", "plan")},
+    **{m: 5 for m in ("stages", "pipeline", "plan", "scale")},
     "cli": 6, "__main__": 6,
 }
 CONFIGS = 1
