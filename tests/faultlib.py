@@ -299,10 +299,14 @@ def parquet_parts(folder: str) -> list[str]:
     return sorted(out)
 
 
-def contract_digest(folder: str, key: tuple[str, ...], exclude: tuple[str, ...] = ()) -> Digest:
+# Columns that differ between two runs of the same config by design: the Ray node that wrote a row.
+RUN_SPECIFIC = ("node_id",)
+
+
+def contract_digest(folder: str, key: tuple[str, ...], exclude: tuple[str, ...] = RUN_SPECIFIC) -> Digest:
     """sha256 of the sorted canonical JSON rows of every part of ``folder``, without the columns in
-    ``exclude`` (ones that legitimately differ between runs, e.g. timings). ``key``: the columns
-    that identify a row, for the duplicate and lost counts."""
+    ``exclude`` (ones that legitimately differ between runs, e.g. the node, timings). ``key``: the
+    columns that identify a row, for the duplicate and lost counts."""
     rows, unreadable = [], []
     for f in parquet_parts(folder):
         try:
