@@ -188,6 +188,7 @@ class SizeRun:
         if name == "synth":
             res = run_measured(["synth", "--config", CONFIG, "--set", *self.sets], self.log, self._spill(name))
         else:  # --force: measured again even when fresh (and train retrains its finished run)
+            self._clear_reusable(name)
             more = ["--force"] + (["--set", "rec.force=true"] if name == "train" else [])
             res = run_measured(self.args(name, *more), self.log, self._spill(name))
         if res["rc"] != 0:
@@ -195,6 +196,15 @@ class SizeRun:
         res.update(output_listing(self.output_of(name)))
         res.update(self.rows(name))
         return res
+
+    def _clear_reusable(self, name: str) -> None:
+        """Generation resumes from the rows of an earlier run and encode reuses vectors by key: a
+        measurement of them starts from an empty output, or it would time the skipping."""
+        from slim_ray import storage
+
+        out = self.output_of(name)
+        if name in ("teach", "reason", "encode") and out and storage.exists(out):
+            storage.delete_dir(out)
 
     def summary(self, name: str) -> dict[str, Any]:
         from slim_ray.lineage import read_manifest
