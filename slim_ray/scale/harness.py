@@ -167,7 +167,7 @@ class SizeRun:
             self.sets.append(f"ray.address={address}")
         self.sets += extra_sets
         self.cfg = load_config(CONFIG, self.sets)
-        self.stand_in, self.address = stand_in, address
+        self.stand_in = stand_in
         self.log = os.path.join(self.work, "stages.log")
 
     def args(self, stage: str, *more: str) -> list[str]:
