@@ -10,7 +10,8 @@ log file that holds the full trace.
 from __future__ import annotations
 
 import re
-from typing import Optional, TypeVar
+from contextlib import contextmanager
+from typing import Iterator, Optional, TypeVar
 
 E = TypeVar("E", bound=BaseException)
 
@@ -50,6 +51,22 @@ def find_error(exc: BaseException, cls: type[E]) -> Optional[E]:
         stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
     found = re.search(rf"{cls.__name__}: ([^\n]+)", str(exc))
     return cls(found.group(1)) if found else None
+
+
+@contextmanager
+def unwrapped(*classes: type[BaseException]) -> Iterator[None]:
+    """Inside: an error of one of ``classes`` that Ray wrapped (see ``find_error``) is re-raised as
+    itself, so the stage's one-line error names the file, row or field, not Ray's layers."""
+    try:
+        yield
+    except classes:
+        raise
+    except Exception as e:
+        for cls in classes:
+            bad = find_error(e, cls)
+            if bad is not None:
+                raise bad from None
+        raise
 
 
 def _last_error_line(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from slim_ray import storage
-from slim_ray.errors import find_error
+from slim_ray.errors import unwrapped
 from slim_ray.data.readers import (
     BadInputError,
     TableSpec,
@@ -224,14 +224,8 @@ def run_prepare(cfg) -> dict[str, Any]:
     ctx.shuffle_strategy = (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if cfg.data.shuffle == "sort"
                             else ShuffleStrategy.HASH_SHUFFLE)
     try:
-        return _run_prepare(cfg)
-    except BadInputError:
-        raise
-    except Exception as e:
-        bad = find_error(e, BadInputError)
-        if bad is not None:
-            raise bad from None
-        raise
+        with unwrapped(BadInputError):
+            return _run_prepare(cfg)
     finally:
         ctx.shuffle_strategy = before
 

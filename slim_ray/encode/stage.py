@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from slim_ray import storage
-from slim_ray.errors import find_error
+from slim_ray.errors import unwrapped
 from slim_ray.data.schemas import ITEMS_SCHEMA, RATIONALES_SCHEMA, check_columns
 from slim_ray.encode import store
 from slim_ray.encode.encoder import EncoderActor, EncoderSpec
@@ -280,15 +280,8 @@ def _gather_inputs(cfg, spec: EncoderSpec, summary: dict) -> tuple[Any, list[tup
 
 def run_encode(cfg) -> dict[str, Any]:
     """Stage function (see module doc). Returns counts, throughput and the encoder's identity."""
-    try:
+    with unwrapped(EncodeInputError):
         return _run_encode(cfg)
-    except EncodeInputError:
-        raise
-    except Exception as e:
-        bad = find_error(e, EncodeInputError)
-        if bad is not None:
-            raise bad from None
-        raise
 
 
 def _run_encode(cfg) -> dict[str, Any]:

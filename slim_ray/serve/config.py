@@ -135,9 +135,10 @@ class ServeConfig(StageConfig):
     max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the encoder and recommender deployments.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long an encoder batch waits to fill.")
     recommender_batch_wait_timeout_s: float = Field(
-        0.002, ge=0,
-        description="How long a recommender batch waits to fill (short: at low load every request pays it; "
-        "under load batches fill while the previous one is scored).")
+        0.0, ge=0,
+        description="How long a recommender batch waits to fill. 0: a batch takes what is queued; under "
+        "load batches still fill while the previous one is scored, and at low load no request waits "
+        "(measured idle, 1 client: p50 15.7 -> 12.5 ms against 2 ms; 16 clients: same QPS).")
     reasoner_max_batch_size: int = Field(4, ge=1, description="@serve.batch size of the student reasoner.")
     reasoner_batch_wait_timeout_s: float = Field(
         0.05, ge=0, description="How long a reasoner batch waits to fill.")
