@@ -4,8 +4,8 @@ submitted Ray job: the path our users take on a cluster.
 cluster/local_start.sh starts a head and one worker node (`ray start` each, own temp dir, own
 custom resource, token auth on), moto's S3 server holds the run folder, and jobs/submit.sh runs
 `ray job submit ... jobs/run_pipeline.py --config configs/quick.yaml --set run_dir=s3://...`.
-The first submission's driver is SIGKILLed in the middle of generation; the second completes the
-run; the third must skip every stage, deciding freshness from the manifests in the bucket. Only
+The first submission's driver is SIGKILLed in the middle of generation, once teach has published a
+part; the second completes the run, skipping the rows in the bucket; the third must skip every stage, deciding freshness from the manifests in the bucket. Only
 the processes this test started are stopped, by their recorded PIDs.
 """
 
@@ -32,6 +32,7 @@ STAGES = ["prepare", "teach", "distill", "reason", "encode", "train", "evaluate"
 # every distributed stage has two workers, so each can have one on each node.
 OVERRIDES = [
     "data.max_users=60", "teacher.num_users=8", "teacher.num_workers=2", "teacher.batch_size=2", "teacher.max_new_tokens=24",
+    "teacher.rows_per_file=2",  # a part per engine batch: the killed attempt leaves published rows behind
     "distill.num_workers=2", "distill.max_steps=2", "distill.checkpoint_every=2", "distill.num_samples=0",
     "student.num_workers=2", "student.max_new_tokens=16", "encode.num_actors=2",
     "rec.num_workers=2", "rec.epochs=1", "rec.backbone=sasrec", "ray.train_placement=SPREAD",
@@ -77,6 +78,16 @@ def _submit(env: dict, sub_id: str, run_uri: str) -> subprocess.Popen:
         cwd=ROOT, env=dict(env, SUBMISSION_ID=sub_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _rows_in_bucket(uri: str) -> dict[str, int]:
+    """What a killed attempt left in the bucket: its published parts, their rows, the distinct keys done."""
+    from slim_ray import storage
+
+    parts = [storage.read_parquet_file(f) for f in storage.parquet_files(uri)] if storage.is_dir(uri) else []
+    keys = {(u, k) for t in parts for u, k, e in zip(t["user_id"].to_pylist(), t["rationale_key"].to_pylist(),
+                                                      t["error"].to_pylist()) if e is None}
+    return {"parts": len(parts), "rows": sum(t.num_rows for t in parts), "unique_keys": len(keys)}
+
+
 @pytest.mark.slow
 def test_two_node_s3_job_survives_a_killed_driver_and_resubmits_fresh(s3_server, tmp_path):
     from slim_ray import storage
@@ -105,16 +116,12 @@ def test_two_node_s3_job_survives_a_killed_driver_and_resubmits_fresh(s3_server,
     assert st["RAY_AUTH_MODE"] == "token" and len(workers) == 1
     job_env = dict(env, RAY_ADDRESS=st["RAY_ADDRESS"], RAY_AUTH_MODE="token")
     try:
-        # 1. Killed in the middle of generation: the teach stage has started on the cluster.
+        # 1. Killed in the middle of generation: the teach stage has published its first part.
         first = _submit(job_env, "quick-killed", run_uri)
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            logs = _job(job_env, "logs", "quick-killed").stdout
-            if "[slim-ray] teach:" in logs:
-                break
+        deadline = time.time() + 600
+        while time.time() < deadline and _rows_in_bucket(f"{run_uri}/rationales/teacher")["parts"] == 0:
             assert first.poll() is None, first.stdout.read()[-3000:]
-            time.sleep(2)
-        time.sleep(15)  # into the engine's work
+            time.sleep(0.5)
         drivers = _driver_pids(head)
         assert len(drivers) == 1, drivers
         os.kill(drivers[0], signal.SIGKILL)
@@ -123,6 +130,7 @@ def test_two_node_s3_job_survives_a_killed_driver_and_resubmits_fresh(s3_server,
         assert "failed" in status.lower() or "stopped" in status.lower(), status
         teach_manifest = read_manifest(f"{run_uri}/rationales/teacher")  # none for a killed attempt
         assert teach_manifest is None or teach_manifest["status"] != "complete", teach_manifest
+        kept = _rows_in_bucket(f"{run_uri}/rationales/teacher")
 
         # 2. Resubmitted: the run completes.
         second = _submit(job_env, "quick-complete", run_uri)
@@ -155,9 +163,12 @@ def test_two_node_s3_job_survives_a_killed_driver_and_resubmits_fresh(s3_server,
         assert m and m["status"] == "complete" and m["stage"] == name, (name, m)
         objects = storage.tree_listing(uri)
         report[name] = {"objects": len(objects), "node_ids": m["summary"].get("node_ids")}
+    teach = read_manifest(f"{run_uri}/rationales/teacher")["summary"]
+    report["teach"].update(kept_after_kill=kept, skipped_already_done=teach["skipped_already_done"],
+                           generated_on_resubmit=teach["generated_rows"])
     print("\nobjects and node ids per stage:", json.dumps(report, indent=1), f"\nwall {wall:.0f}s")
     (tmp_path / "report.json").write_text(json.dumps({"stages": report, "wall_s": round(wall, 1),
-                                                      "submit_output": out2[-4000:]}, indent=1))
+                                                      "submit_output": out2[:1500] + "\n...\n" + out2[-4000:]}, indent=1))
     for d in [ROOT, *st.get("RAY_TEMP_DIR", "").split(), *st.get("RAY_WORKER_TEMP_DIRS", "").split()]:
         hits = [r for r, dirs, _ in os.walk(d) if "s3:" in dirs] if d and os.path.isdir(d) else []
         assert not hits, hits
@@ -169,6 +180,10 @@ def test_two_node_s3_job_survives_a_killed_driver_and_resubmits_fresh(s3_server,
     # Exactly one row per user after the kill and the resubmission (counted by key in the bucket).
     from slim_ray.data.io import read_rationales
 
+    # The resubmission skipped what the killed attempt had published (a part its dying actors
+    # published after the count above is skipped too) and generated only the rest.
+    assert kept["rows"] >= 2 and report["teach"]["skipped_already_done"] >= kept["unique_keys"], report["teach"]
+    assert report["teach"]["generated_on_resubmit"] == 8 - report["teach"]["skipped_already_done"], report["teach"]
     for role, n in (("teacher", 8), ("student", 60)):
         t = read_rationales(f"{run_uri}/rationales/{role}")
         assert t.num_rows == n and len(pc.unique(t["user_id"])) == n, (role, t.num_rows)
