@@ -1,16 +1,22 @@
 """Distillation throughput and memory: DDP vs DeepSpeed ZeRO-2 vs ZeRO-3, LoRA and full fine-tune.
 
-SmolLM2-135M-Instruct on the same (student prompt -> teacher rationale) pairs, 2 Ray Train workers
-(1 CPU each), the same number of optimizer steps and the same global batch everywhere; plus the
-single-process Hugging Face ``Trainer`` (all CPUs, same global batch) as the reference. Printed
-side by side in one run:
+A packaged student (SmolLM2-135M-Instruct by default; ``--model qwen2.5-coder-0.5b-instruct`` for
+the 0.63B-parameter Qwen) on the same (student prompt -> teacher rationale) pairs, 2 Ray Train
+workers (1 CPU each), the same number of optimizer steps and the same global batch everywhere;
+plus the single-process Hugging Face ``Trainer`` (all CPUs, same global batch) as the reference.
+Printed side by side in one run:
 
 - tokens/s: non-padding tokens trained per second of the loop, after the first step (steady
   state), summed over workers;
 - peak RSS per worker (max over workers) and its growth over the process at loop start
-  (model + optimizer + activations; the rest is the Python/torch/Ray baseline).
+  (model + optimizer + activations; the rest is the Python/torch/Ray baseline);
+- the peak summed PSS of this process and every Ray process it started (sampled outside the
+  workers, so a setup that does not fit still has a figure: Ray's memory monitor kills a worker
+  when the machine's memory runs out, and the row says so).
 
     .venv/bin/python bench/distill.py [--run-dir runs/shared-ml100k] [--steps 8] [--only lora]
+    .venv/bin/python bench/distill.py --model qwen2.5-coder-0.5b-instruct --only full \
+        --setups ddp,zero2,zero3,zero3-offload --steps 3 --max-length 128 --no-hf
 
 Data: the run's teacher rationales when present, else rationale-shaped text built from the real
 MovieLens-100K histories of the prepared run (``slim-ray prepare`` output).
@@ -34,11 +40,12 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def bench_data(run_dir: str, max_length: int, n: int, seed: int = 0):
+def bench_data(run_dir: str, model: str, max_length: int, n: int, seed: int = 0):
     """Pairs from the run's teacher rationales, or synthetic rationales over real histories."""
     import pyarrow as pa
     from transformers import AutoTokenizer
 
+    from slim_ray import storage
     from slim_ray.assets import resolve_llm
     from slim_ray.data.io import read_items, read_rationales, read_sequences
     from slim_ray.data.schemas import RATIONALES_SCHEMA
@@ -46,11 +53,12 @@ def bench_data(run_dir: str, max_length: int, n: int, seed: int = 0):
     from slim_ray.layout import RunLayout
 
     lay = RunLayout(run_dir)
-    tok = AutoTokenizer.from_pretrained(resolve_llm("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(resolve_llm(model))
     items, seqs = read_items(lay.items), read_sequences(lay.sequences)
-    rats = read_rationales(lay.rationales("teacher"))
+    teacher = lay.rationales("teacher")
+    rats = read_rationales(teacher) if storage.exists(teacher) else None
     source = "teacher rationales"
-    if rats.num_rows == 0:
+    if rats is None or rats.num_rows == 0:
         source = "synthetic rationales over real histories"
         titles = {r["item_id"]: r for r in items.select(["item_id", "title", "categories"]).to_pylist()}
         rows = []
@@ -77,24 +85,43 @@ def bench_data(run_dir: str, max_length: int, n: int, seed: int = 0):
     return data, tok, source
 
 
+SETUPS = {
+    "ddp": {"strategy": "ddp"},
+    "zero2": {"zero_stage": 2},
+    "zero3": {"zero_stage": 3},
+    "zero3-offload": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
+}
+
+
 def ray_run(name: str, overrides: dict, data, pad_id: int, steps: int, storage: str) -> dict:
+    """One setup; a setup that fails (out of memory) returns its error and the memory it reached."""
     import ray
 
     from slim_ray.distill.config import DistillConfig
     from slim_ray.distill.train import build_trainer
+    from slim_ray.scale.monitor import TreeMonitor
 
     d = DistillConfig(num_workers=2, batch_size=2, grad_accum=1, max_steps=steps, checkpoint_every=10**6,
                       max_failures=0, **overrides)
     t0 = time.time()
-    trainer = build_trainer(d, seed=0, data_ref=ray.put({"train": data.train, "eval": []}), pad_id=pad_id,
-                            storage_path=storage, run_name=f"bench-{name}-{uuid.uuid4().hex[:6]}",
-                            save_final=False)
-    m = trainer.fit().metrics
+    mon = TreeMonitor(os.getpid(), every=0.5)
+    mon.start()
+    try:
+        trainer = build_trainer(d, seed=0, data_ref=ray.put({"train": data.train, "eval": []}), pad_id=pad_id,
+                                storage_path=storage, run_name=f"bench-{name}-{uuid.uuid4().hex[:6]}",
+                                save_final=False)
+        m = dict(trainer.fit().metrics, error=None)
+    except Exception as e:  # the row records why (e.g. a worker killed by Ray's memory monitor)
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        m = {"error": f"{type(e).__name__}: {next((ln for ln in lines if 'memory' in ln.lower()), lines[0] if lines else '')}"[:300]}
+    finally:
+        mon.stop()
     m["wall_s"] = time.time() - t0
+    m["tree_peak_pss_mib"] = mon.figures()["tree_pss_mib"]
     return m
 
 
-def hf_child(method: str, steps: int, path: str, threads: int) -> None:
+def hf_child(method: str, model_name: str, steps: int, path: str, threads: int) -> None:
     """Runs in a fresh process: HF Trainer, 1 process, batch 4 (= 2 workers x 2), bf16 autocast."""
     import pickle
 
@@ -113,7 +140,7 @@ def hf_child(method: str, steps: int, path: str, threads: int) -> None:
     mem = PeakMemory().start()
     d = {"method": method, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
          "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-    model, _ = build_model(resolve_llm("smollm2-135m-instruct"), d)
+    model, _ = build_model(resolve_llm(model_name), d)
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
@@ -153,14 +180,14 @@ def hf_child(method: str, steps: int, path: str, threads: int) -> None:
     }), flush=True)
 
 
-def hf_run(method: str, data, pad_id: int, steps: int, threads: int = 2) -> dict:
+def hf_run(method: str, model: str, data, pad_id: int, steps: int, threads: int = 2) -> dict:
     import pickle
 
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
         pickle.dump({"train": data.train, "pad_id": pad_id}, f)
     t0 = time.time()
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", method,
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", method, "--model", model,
                           "--steps", str(steps), "--payload", f.name, "--hf-threads", str(threads)],
                          capture_output=True, text=True, env=env)
     os.unlink(f.name)
@@ -179,44 +206,65 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--only", choices=["lora", "full"], default=None)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged LLM name or a local HF folder")
+    p.add_argument("--setups", default="ddp,zero2,zero3", help=f"comma-separated, of {','.join(SETUPS)}")
+    p.add_argument("--no-hf", action="store_true", help="skip the single-process HF Trainer reference")
     p.add_argument("--hf-threads", type=int, default=2, help="torch threads of the HF Trainer process "
                    "(default 2 = the CPUs the 2 Ray workers get together)")
     p.add_argument("--hf-child", choices=["lora", "full"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--payload", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.hf_child:
-        hf_child(a.hf_child, a.steps, a.payload, a.hf_threads)
+        hf_child(a.hf_child, a.model, a.steps, a.payload, a.hf_threads)
         return 0
 
     from slim_ray.runtime import RayConfig, init_ray
 
-    data, tok, source = bench_data(a.run_dir, a.max_length, a.samples)
-    print(f"data: {len(data.train)} pairs ({source}), {data.stats['train_tokens']} tokens, "
+    setups = [s for s in a.setups.split(",") if s]
+    unknown = sorted(set(setups) - set(SETUPS))
+    if unknown:
+        p.error(f"unknown setups {unknown}; choose from {sorted(SETUPS)}")
+    data, tok, source = bench_data(a.run_dir, a.model, a.max_length, a.samples)
+    print(f"model {a.model}; data: {len(data.train)} pairs ({source}), {data.stats['train_tokens']} tokens, "
           f"max_length {a.max_length}; {a.steps} steps x global batch 4", flush=True)
     init_ray(RayConfig(num_cpus=2))
     storage = tempfile.mkdtemp(prefix="bench_distill_")
-    setups = [("ddp", {"strategy": "ddp"}), ("zero2", {"zero_stage": 2}), ("zero3", {"zero_stage": 3})]
     rows = []
     for method in ["lora", "full"]:
         if a.only and method != a.only:
             continue
-        for name, ov in setups:
+        for name in setups:
             print(f"-- {method} {name}", flush=True)
-            m = ray_run(f"{method}-{name}", {"method": method, **ov}, data, tok.pad_token_id, a.steps, storage)
+            m = ray_run(f"{method}-{name}", {"method": method, "base_model": a.model, **SETUPS[name]}, data,
+                        tok.pad_token_id, a.steps, storage)
+            print(json.dumps({"method": method, "setup": name, **m}), flush=True)
             rows.append((method, f"{name} (2 workers)", m))
-        print(f"-- {method} HF Trainer", flush=True)
-        rows.append((method, f"HF Trainer (1 process, {a.hf_threads} threads)", hf_run(method, data, tok.pad_token_id, a.steps, a.hf_threads)))
-
+        if not a.no_hf:
+            print(f"-- {method} HF Trainer", flush=True)
+            rows.append((method, f"HF Trainer (1 process, {a.hf_threads} threads)",
+                         hf_run(method, a.model, data, tok.pad_token_id, a.steps, a.hf_threads)))
     print()
-    print(f"| method | setup | tokens/s | x HF Trainer | peak RSS/worker MiB | growth MiB | wall s |")
-    print(f"|---|---|---:|---:|---:|---:|---:|")
-    for method, setup, m in rows:
-        ref = next(r for mm, s, r in rows if mm == method and s.startswith("HF"))
-        tps = m.get("tokens_per_s_steady") or m.get("tokens_per_s")
-        rtps = ref.get("tokens_per_s_steady") or ref.get("tokens_per_s")
-        print(f"| {method} | {setup} | {tps:.0f} | {tps / rtps:.2f} | {m['peak_rss_mb_max']:.0f} | "
-              f"{m['peak_rss_mb_max'] - m['rss_base_mb']:.0f} | {m['wall_s']:.0f} |")
+    print(table(rows))
     return 0
+
+
+def table(rows: list[tuple[str, str, dict]]) -> str:
+    """The markdown table; tokens/s relative to the HF Trainer row of the same method when there is one."""
+    out = ["| method | setup | tokens/s | x HF Trainer | peak RSS/worker MiB | growth MiB | Ray tree peak PSS MiB | wall s | result |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for method, setup, m in rows:
+        ref = next((r for mm, s, r in rows if mm == method and s.startswith("HF")), None)
+        tree = m.get("tree_peak_pss_mib")
+        tree_s = f"{tree:,.0f}" if tree is not None else "–"
+        if m.get("error"):
+            out.append(f"| {method} | {setup} | – | – | – | – | {tree_s} | {m['wall_s']:.0f} | failed: {m['error']} |")
+            continue
+        tps = m.get("tokens_per_s_steady") or m.get("tokens_per_s")
+        rtps = ref and (ref.get("tokens_per_s_steady") or ref.get("tokens_per_s"))
+        ratio = f"{tps / rtps:.2f}" if rtps else "–"
+        out.append(f"| {method} | {setup} | {tps:.0f} | {ratio} | {m['peak_rss_mb_max']:,.0f} | "
+                   f"{m['peak_rss_mb_max'] - m['rss_base_mb']:,.0f} | {tree_s} | {m['wall_s']:.0f} | ok |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
