@@ -48,6 +48,15 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stages_measured(results: dict[str, Any]) -> str:
+    """Which stages each size has figures for (a size may have been run with ``--stages``)."""
+    parts = []
+    for n in _sizes(results):
+        done = [st for st in STAGES if results["sizes"][str(n)].get(st)]
+        parts.append(f"{n:,}: " + ("all stages" if len(done) == len(STAGES) else ", ".join(done) or "none"))
+    return "Stages measured per size: " + "; ".join(parts) + "."
+
+
 def checks(results: dict[str, Any]) -> list[str]:
     """The scale goals, largest size against the one below it."""
     sizes = _sizes(results)
@@ -165,6 +174,7 @@ def write_markdown(results: dict[str, Any], path: str, plot_folder: str) -> str:
         f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['platform']}, Python {m['python']}; {m['date']}.",
         f"Command: `slim-ray bench scale --users {','.join(str(n) for n in _sizes(results))}` "
         "(configs/scale.yaml: synthetic Amazon-format log, a fixed catalogue of 10k items, k-core 5).",
+        stages_measured(results),
         f"LLM stages: {STAND_IN_NOTE}; latency {si.get('latency_ms')} ms, {si.get('words')} words per answer.",
         "Each stage is its own `slim-ray <stage>` process with a local Ray (its start, ~10–20 s, is in the wall "
         "time); memory is sampled every 0.5 s: the driver's RSS, and the summed PSS of the driver and every Ray "
