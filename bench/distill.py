@@ -227,7 +227,8 @@ def main(argv=None) -> int:
     data, tok, source = bench_data(a.run_dir, a.model, a.max_length, a.samples)
     print(f"model {a.model}; data: {len(data.train)} pairs ({source}), {data.stats['train_tokens']} tokens, "
           f"max_length {a.max_length}; {a.steps} steps x global batch 4", flush=True)
-    init_ray(RayConfig(num_cpus=2))
+    import ray
+
     storage = tempfile.mkdtemp(prefix="bench_distill_")
     rows = []
     for method in ["lora", "full"]:
@@ -235,8 +236,14 @@ def main(argv=None) -> int:
             continue
         for name in setups:
             print(f"-- {method} {name}", flush=True)
-            m = ray_run(f"{method}-{name}", {"method": method, "base_model": a.model, **SETUPS[name]}, data,
-                        tok.pad_token_id, a.steps, storage)
+            # A fresh local Ray per setup: one that ran out of memory leaves nothing behind for the
+            # next (its placement group, dying workers), and each starts from the same baseline.
+            init_ray(RayConfig(num_cpus=2))
+            try:
+                m = ray_run(f"{method}-{name}", {"method": method, "base_model": a.model, **SETUPS[name]}, data,
+                            tok.pad_token_id, a.steps, storage)
+            finally:
+                ray.shutdown()
             print(json.dumps({"method": method, "setup": name, **m}), flush=True)
             rows.append((method, f"{name} (2 workers)", m))
         if not a.no_hf:

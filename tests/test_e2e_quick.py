@@ -6,7 +6,8 @@ GCS, raylets, Ray Data actors, Ray Train workers with their rendezvous and gloo 
 for listening sockets: all must be on loopback. Asserts that every stage produced its contract,
 that the leakage guard holds (rationales see only the training prefix), that every recommender
 variant beats the random ranker, that the console stays short off a terminal, and that an
-immediate rerun skips every stage.
+immediate rerun skips every stage. Then the real `slim-ray serve` over that run, watched the same
+way while it answers requests.
 """
 
 from __future__ import annotations
@@ -85,6 +86,65 @@ def quick_run(tmp_path_factory):
 
 def test_real_command_listens_only_on_loopback(quick_run):
     assert not quick_run["bad"], "non-loopback listeners: " + "; ".join(sorted(quick_run["bad"]))
+
+
+def test_real_serve_command_listens_only_on_loopback(quick_run, tmp_path):
+    """``slim-ray serve`` over the finished run, started as a user starts it: while it serves, every
+    process of its tree (Ray, the Serve controller, HTTP proxy and replicas) listens on loopback."""
+    import signal
+
+    import httpx
+    import psutil
+
+    from slim_ray.scale.standin import free_port
+
+    port = free_port()
+    cmd = [SLIM_RAY, "serve", "--config", "configs/quick.yaml", "--port", str(port),
+           "--set", f"run_dir={quick_run['cfg'].run_dir}", "serve.reasoner=false"]
+    bad, seen_http, served = set(), set(), []
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=log, text=True,
+                            stdin=subprocess.DEVNULL)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            tree = process_tree(proc.pid)
+            bad.update(non_loopback_listeners(tree))
+            for p in tree:
+                try:
+                    seen_http.update(c.laddr.ip for c in p.net_connections(kind="inet")
+                                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+                except psutil.Error:
+                    pass
+            stop.wait(0.5)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        ready = False
+        for line in proc.stdout:  # ends at "ready", or when the command exits
+            if "ready" in line:
+                ready = True
+                break
+        assert ready and proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            served = [c.post("/v1/recommend", json={"user_id": 1, "k": 5}).status_code,
+                      c.post("/v1/recommend", json={"history": [1, 2, 3], "k": 5}).status_code]
+        time.sleep(1.0)  # one more round of the poller with every replica up
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        stop.set()
+        poller.join()
+        log.close()
+    assert served == [200, 200], served
+    assert seen_http and all(ip in ("127.0.0.1", "::1") for ip in seen_http), seen_http
+    assert not bad, "non-loopback listeners while serving: " + "; ".join(sorted(bad))
 
 
 def test_console_is_short_and_names_every_stage(quick_run):
