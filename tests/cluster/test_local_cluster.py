@@ -5,8 +5,9 @@ cluster/local_start.sh starts a head and one worker node (`ray start` each, own 
 custom resource, token auth on), moto's S3 server holds the run folder, and jobs/submit.sh runs
 `ray job submit ... jobs/run_pipeline.py --config configs/quick.yaml --set run_dir=s3://...`.
 The first submission's driver is SIGKILLed in the middle of generation, once teach has published a
-part; the second completes the run, skipping the rows in the bucket; the third must skip every stage, deciding freshness from the manifests in the bucket. Only
-the processes this test started are stopped, by their recorded PIDs.
+part; the second completes the run, skipping the rows in the bucket; the third must skip every
+stage, deciding freshness from the manifests in the bucket. Only the processes this test started
+are stopped, by their recorded PIDs.
 """
 
 from __future__ import annotations
