@@ -34,7 +34,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------- the stand-in server
 
 
-
 def stand_in_answer(messages: list) -> tuple[str, int, int]:
     """(text, prompt tokens, completion tokens): a pure function of the messages."""
     h = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()

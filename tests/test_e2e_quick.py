@@ -16,14 +16,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from listeners import non_loopback_listeners, process_tree
+from listeners import ListenerWatch
 from slim_ray.config import load_config
 from slim_ray.data import io
 from slim_ray.data.schemas import embeddings_schema, check_columns
@@ -43,28 +42,17 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_watched(cmd: list[str], log_path: str, timeout: float) -> tuple[int, set[str], float]:
     """Run ``cmd`` with a clean environment, its output to ``log_path``; poll its tree's listeners."""
-    bad: set[str] = set()
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-        stop = threading.Event()
-
-        def poll():
-            while not stop.is_set():
-                bad.update(non_loopback_listeners(process_tree(proc.pid)))
-                stop.wait(0.5)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            stop.set()
-            poller.join()
-    return rc, bad, time.time() - t0
+        with ListenerWatch(proc.pid) as watch:
+            try:
+                rc = proc.wait(timeout=timeout)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    return rc, watch.bad, time.time() - t0
 
 
 @pytest.fixture(scope="module")
@@ -94,57 +82,39 @@ def test_real_serve_command_listens_only_on_loopback(quick_run, tmp_path):
     import signal
 
     import httpx
-    import psutil
 
     from slim_ray.scale.standin import free_port
 
     port = free_port()
     cmd = [SLIM_RAY, "serve", "--config", "configs/quick.yaml", "--port", str(port),
            "--set", f"run_dir={quick_run['cfg'].run_dir}", "serve.reasoner=false"]
-    bad, seen_http, served = set(), set(), []
+    served = []
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=log, text=True,
                             stdin=subprocess.DEVNULL)
-    stop = threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            tree = process_tree(proc.pid)
-            bad.update(non_loopback_listeners(tree))
-            for p in tree:
-                try:
-                    seen_http.update(c.laddr.ip for c in p.net_connections(kind="inet")
-                                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
-                except psutil.Error:
-                    pass
-            stop.wait(0.5)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        ready = False
-        for line in proc.stdout:  # ends at "ready", or when the command exits
-            if "ready" in line:
-                ready = True
-                break
-        assert ready and proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
-            served = [c.post("/v1/recommend", json={"user_id": 1, "k": 5}).status_code,
-                      c.post("/v1/recommend", json={"history": [1, 2, 3], "k": 5}).status_code]
-        time.sleep(1.0)  # one more round of the poller with every replica up
-    finally:
-        proc.send_signal(signal.SIGINT)
+    with ListenerWatch(proc.pid, port=port) as watch:
         try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        stop.set()
-        poller.join()
-        log.close()
+            ready = False
+            for line in proc.stdout:  # ends at "ready", or when the command exits
+                if "ready" in line:
+                    ready = True
+                    break
+            assert ready and proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+                served = [c.post("/v1/recommend", json={"user_id": 1, "k": 5}).status_code,
+                          c.post("/v1/recommend", json={"history": [1, 2, 3], "k": 5}).status_code]
+            time.sleep(1.0)  # one more round of the watch with every replica up
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
     assert served == [200, 200], served
-    assert seen_http and all(ip in ("127.0.0.1", "::1") for ip in seen_http), seen_http
-    assert not bad, "non-loopback listeners while serving: " + "; ".join(sorted(bad))
+    assert watch.port_ips and watch.port_ips <= {"127.0.0.1", "::1"}, watch.port_ips
+    assert not watch.bad, "non-loopback listeners while serving: " + "; ".join(sorted(watch.bad))
 
 
 def test_console_is_short_and_names_every_stage(quick_run):

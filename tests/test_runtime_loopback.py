@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import psutil
 
+from listeners import ListenerWatch
 from listeners import non_loopback_listeners as _non_loopback_listeners
 from listeners import process_tree as _descendants_and_ray_processes
 
@@ -42,37 +42,21 @@ def test_local_runtime_listens_only_on_loopback(ray_session, tmp_path):
     from slim_ray.runtime import train_backend_config
 
     # Poll every process the test started while the jobs run (listeners can be short-lived).
-    seen_bad: set[str] = set()
-    stop = threading.Event()
+    with ListenerWatch(os.getpid(), every=0.3) as watch:
+        ds = ray.data.range(1000).map_batches(lambda b: {"id": b["id"] * 2})
+        assert ds.sum("id") == 2 * sum(range(1000))
 
-    def poll():
-        while not stop.is_set():
-            try:
-                seen_bad.update(_non_loopback_listeners(_descendants_and_ray_processes(os.getpid())))
-            except psutil.Error:
-                pass
-            stop.wait(0.3)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-
-    ds = ray.data.range(1000).map_batches(lambda b: {"id": b["id"] * 2})
-    assert ds.sum("id") == 2 * sum(range(1000))
-
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"out": str(tmp_path)},
-        torch_config=train_backend_config(),
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-        run_config=RunConfig(name=f"loopback-{os.getpid()}", storage_path=str(tmp_path)),
-    )
-    trainer.fit()
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["sum"] == 3.0 and got["world"] == 2  # 1 + 2 all-reduced over two gloo ranks
-        assert got["bad"] == [], f"rank {rank}: " + "; ".join(got["bad"])
-
-    stop.set()
-    poller.join()
-    seen_bad.update(_non_loopback_listeners(_descendants_and_ray_processes(os.getpid())))
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"out": str(tmp_path)},
+            torch_config=train_backend_config(),
+            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+            run_config=RunConfig(name=f"loopback-{os.getpid()}", storage_path=str(tmp_path)),
+        )
+        trainer.fit()
+        for rank in (0, 1):
+            got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+            assert got["sum"] == 3.0 and got["world"] == 2  # 1 + 2 all-reduced over two gloo ranks
+            assert got["bad"] == [], f"rank {rank}: " + "; ".join(got["bad"])
+    seen_bad = watch.bad | set(_non_loopback_listeners(_descendants_and_ray_processes(os.getpid())))
     assert not seen_bad, "non-loopback listeners: " + "; ".join(sorted(seen_bad))

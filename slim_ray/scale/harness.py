@@ -314,8 +314,7 @@ class SizeRun:
         from slim_ray.generate.store import pair_hash, part_files
 
         out = self.output_of("reason")
-        if storage.exists(out):
-            storage.delete_dir(out)
+        self._clear_reusable("reason")
         base = self.stand_in.stats()["completions"]
         half = self.n // 2
 
