@@ -81,8 +81,12 @@ class RunLayout:
     def rec(self) -> str:
         return self._p("rec")
 
-    def rec_run(self, backbone: str, mode: str, seed: int, rationale_role: str | None = None) -> str:
-        tag = f"{backbone}-{mode}" + (f"-{rationale_role}" if rationale_role else "") + f"-s{seed}"
+    def rec_run(self, backbone: str, mode: str, seed: int, rationale_role: str | None = None,
+                protocol: str | None = None) -> str:
+        """``rec/<backbone>-<mode>[-<role>][-leaky]-s<seed>``: the consistent protocol (the default)
+        keeps the plain name, so runs of both protocols can share one ``rec/`` folder."""
+        tag = (f"{backbone}-{mode}" + (f"-{rationale_role}" if rationale_role else "")
+               + ("-leaky" if rationale_role and protocol == "leaky" else "") + f"-s{seed}")
         return self._p("rec", tag)
 
     @property

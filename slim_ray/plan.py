@@ -93,8 +93,9 @@ def _resources(cfg: PipelineConfig, stage: str) -> str:
     if stage == "train":
         r = cfg.rec
         backbones, modes, seeds = (v if isinstance(v, list) else [v] for v in (r.backbone, r.mode, r.seeds))
-        runs = len(backbones) * len(modes) * len(seeds)
-        return (f"{runs} runs ({', '.join(backbones)} x {len(modes)} modes x {len(seeds)} seeds); "
+        runs = len(r.runs())
+        per_protocol = f" x {len(r.protocols)} protocols" if len(r.protocols) > 1 else ""
+        return (f"{runs} runs ({', '.join(backbones)} x {len(modes)} modes x {len(seeds)} seeds{per_protocol}); "
                 f"{r.num_workers} workers each, GPU={r.use_gpu}")
     return ""
 

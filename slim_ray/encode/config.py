@@ -46,6 +46,12 @@ class EncodeConfig(StageConfig):
         default_factory=lambda: ["teacher", "student"],
         description="Whose rationales to embed as user vectors (a missing rationales folder is skipped).",
     )
+    rationale_parts: list[Literal["text", "step1", "step2", "step3"]] = Field(
+        default_factory=lambda: ["text"],
+        description="What of each rationale to embed: text (the whole answer, embeddings/<role>/) and, "
+        "for the per-step ablation, step1 / step2 / step3 (only that step, embeddings/<role>-<step>/, "
+        "read by the rec variants slim:<role>-<step>; users whose answer lacks the step get none).",
+    )
     forward_passes_per_batch: int = Field(
         16, ge=1, description="Forward passes per Ray Data batch sent to an encoder actor; the "
         "encoder sorts a batch by text length, so a larger batch means less padding.",

@@ -3,6 +3,7 @@
     items                      (column text)              -> embeddings/items/    kind=item, id=item_id
     rationales/teacher/  (text, error == null, 1 per user) -> embeddings/teacher/  kind=user, id=user_id
     rationales/student/  (same)                            -> embeddings/student/  kind=user, id=user_id
+    rationales/<role>/   (column step<k>, encode.rationale_parts) -> embeddings/<role>-step<k>/ (ablation)
 
 Everything runs in Ray Data; the driver holds configs, counts and object references only:
 
@@ -91,30 +92,36 @@ def _usable(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.not_equal(pc.utf8_trim_whitespace(batch.column("text")), ""))
 
 
-def _longest_prefix(rows: pa.Table) -> pa.Table:
+def _longest_prefix(rows: pa.Table, part: str = "text") -> pa.Table:
     """Usable rationales (all rows of each user they hold) -> (id, text), per user the one with
-    the longest prefix (ties: smallest rationale_key)."""
+    the longest prefix (ties: smallest rationale_key). ``part`` (step1/2/3): that row's step text
+    instead of the whole answer, the user dropped when the answer lacks it -- the row is chosen on
+    the whole answer, so its cut is the one the recommender reads from the rationales folder."""
     t = rows.sort_by([("user_id", "ascending"), ("prefix_len", "descending"), ("rationale_key", "ascending")])
     users = t.column("user_id").to_numpy()
     first = np.ones(len(users), dtype=bool)
     first[1:] = users[1:] != users[:-1]
     t = t.filter(pa.array(first))
-    return pa.table({"id": t.column("user_id").cast(pa.int64()), "text": t.column("text").cast(pa.string())})
+    if part != "text":
+        t = t.filter(pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(t.column(part)), ""), False))
+    return pa.table({"id": t.column("user_id").cast(pa.int64()), "text": t.column(part).cast(pa.string())})
 
 
-def rationale_inputs(path: str):
-    """A Ray dataset of (id=user_id, text), one usable rationale per user; None when the folder
-    is missing or empty."""
+def rationale_inputs(path: str, part: str = "text"):
+    """A Ray dataset of (id=user_id, text), one usable rationale per user (``part``: the whole
+    answer, or one of its steps); None when the folder is missing or empty."""
     if not storage.exists(path) or not storage.parquet_files(path):
         return None
-    cols = ["user_id", "prefix_len", "rationale_key", "text", "error"]
+    cols = ["user_id", "prefix_len", "rationale_key", "text", "error"] + ([part] if part != "text" else [])
     check_columns(storage.parquet_schema(path), pa.schema([RATIONALES_SCHEMA.field(c) for c in cols]), path)
     parts = max(1, math.ceil(_count_rows(path) / ROWS_PER_PARTITION))
     ds = storage.ray_read_parquet(path, columns=cols).map_batches(_usable, batch_format="pyarrow",
                                                                   batch_size=READ_BATCH_ROWS)
     if parts == 1:  # a small folder: one block, no shuffle
-        return ds.repartition(1).map_batches(_longest_prefix, batch_format="pyarrow", batch_size=None)
-    return ds.groupby("user_id", num_partitions=parts).map_groups(_longest_prefix, batch_format="pyarrow")
+        return ds.repartition(1).map_batches(_longest_prefix, batch_format="pyarrow", batch_size=None,
+                                             fn_kwargs={"part": part})
+    return ds.groupby("user_id", num_partitions=parts).map_groups(_longest_prefix, batch_format="pyarrow",
+                                                                  fn_kwargs={"part": part})
 
 
 def _with_keys(batch: pa.Table, spec: EncoderSpec, target: int) -> pa.Table:
@@ -261,11 +268,14 @@ def _gather_inputs(cfg, spec: EncoderSpec, summary: dict) -> tuple[Any, list[tup
     """One materialised dataset (id, text, encode_key, target) of every output's inputs, and
     the outputs [(name, out_dir, kind)] in target order."""
     layout, ecfg = cfg.layout, cfg.encode
-    jobs = [("items", layout.items, layout.item_embeddings, "item")]
-    jobs += [(role, layout.rationales(role), layout.user_embeddings(role), "user") for role in ecfg.roles]
+    jobs = [("items", layout.items, layout.item_embeddings, "item", "text")]
+    for role in ecfg.roles:
+        for part in ecfg.rationale_parts:
+            name = role if part == "text" else f"{role}-{part}"
+            jobs.append((name, layout.rationales(role), layout.user_embeddings(name), "user", part))
     parts, outputs = [], []
-    for name, src, out, kind in jobs:
-        ds = item_inputs(src) if kind == "item" else rationale_inputs(src)
+    for name, src, out, kind, part in jobs:
+        ds = item_inputs(src) if kind == "item" else rationale_inputs(src, part)
         if ds is None:
             note = f"{name}: no rationales at {src}, skipped"
             summary["notes"].append(note)

@@ -35,8 +35,18 @@ BACKBONES = ("sasrec", "gru4rec", "srgnn")
 #   slim:student  SLIM: ID fusion with the distilled STUDENT's rationales   ("slim" = "slim:student")
 #   text:student  ID-agnostic text matching (no ID embeddings anywhere)    ("text" = "text:student")
 #   text:teacher  the same with teacher rationales
+#   slim:teacher-step1   (and step2, step3) the per-step ablation: only Step k of each rationale is
+#                 embedded (encode.rationale_parts), users whose answer lacks Step k fall back
 MODES = ("id", "id_text", "slim", "text")
 ROLES = ("teacher", "student")
+#: Rationale parts the encode stage can embed on their own (the per-step ablation).
+STEP_PARTS = ("step1", "step2", "step3")
+PROTOCOLS = ("consistent", "leaky")
+
+
+def base_role(role: str) -> str:
+    """``"teacher-step1"`` -> ``"teacher"`` (whose rationales folder holds the cut)."""
+    return role.split("-", 1)[0]
 
 
 def parse_variant(spec: str) -> tuple[str, Optional[str]]:
@@ -51,13 +61,18 @@ def parse_variant(spec: str) -> tuple[str, Optional[str]]:
             raise ValueError(f"rec mode {spec!r}: {mode} uses no rationales, drop ':{role}'")
         return mode, None
     role = role or "student"
-    if role not in ROLES:
-        raise ValueError(f"rec mode {spec!r}: rationale role must be teacher or student")
+    who, _, part = role.partition("-")
+    if who not in ROLES or (part and part not in STEP_PARTS):
+        raise ValueError(f"rec mode {spec!r}: rationale role must be teacher or student, optionally with "
+                         f"one step of the answer ({', '.join('-' + p for p in STEP_PARTS)})")
     return mode, role
 
 
-def variant_name(mode: str, role: Optional[str]) -> str:
-    return mode if role is None else f"{mode}:{role}"
+def variant_name(mode: str, role: Optional[str], protocol: Optional[str] = None) -> str:
+    """``slim:student``; a run under the leaky protocol is ``slim:student@leaky`` so both protocols'
+    runs can sit in one ``rec/`` folder and be compared by one evaluation."""
+    name = mode if role is None else f"{mode}:{role}"
+    return f"{name}@{protocol}" if role is not None and protocol == "leaky" else name
 
 
 # --------------------------------------------------------------------------- backbone hyper-parameters
@@ -281,13 +296,14 @@ class RecConfig(StageConfig):
         "first ids), learned (one trained 'no rationale' vector), zeros (a zero text vector). "
         "Fallback users are counted in the run's meta.json and in metrics.json.",
     )
-    rationale_protocol: Literal["consistent", "leaky"] = Field(
+    rationale_protocol: Union[Literal["consistent", "leaky"], list[Literal["consistent", "leaky"]]] = Field(
         "consistent",
         description="slim/text modes: which training positions fuse a user's rationale. consistent: only "
         "targets at positions >= the rationale's cut c (its prefix_len, read from rationales/<role>/), "
         "earlier positions fuse a learned 'no rationale' vector, so the rationale never informs a target "
         "it has read (as at test time). leaky: every position fuses it, including targets the rationale "
-        "was written from (the first implementation; kept for comparison). See docs/rec.md.",
+        "was written from (the first implementation; kept for comparison). A list trains every "
+        "rationale variant under each (leaky runs are named <variant>@leaky). See docs/rec.md.",
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP; gloo on CPU, nccl on GPU).")
     use_gpu: Optional[bool] = Field(None, description="None: use a GPU per worker when the cluster has GPUs.")
@@ -335,6 +351,17 @@ class RecConfig(StageConfig):
             if v not in out:
                 out.append(v)
         return out
+
+    def runs(self) -> list[tuple[str, str, Optional[str], int, Optional[str]]]:
+        """(backbone, mode, rationale role, seed, protocol) of every run of the sweep; a variant
+        without rationales runs once (protocol None), a rationale variant once per protocol."""
+        return [(b, m, r, s, p) for b in self.backbones for (m, r) in self.variants
+                for p in (self.protocols if r else [None]) for s in self.seed_list]
+
+    @property
+    def protocols(self) -> list[str]:
+        """The rationale protocols swept, duplicates removed (id / id_text runs have none)."""
+        return list(dict.fromkeys(_as_list(self.rationale_protocol)))
 
     @property
     def seed_list(self) -> list[int]:

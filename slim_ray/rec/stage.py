@@ -17,11 +17,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def sweep(cfg) -> list[tuple[str, str, Any, int]]:
-    rc = cfg.rec
-    return [(b, m, r, s) for b in rc.backbones for (m, r) in rc.variants for s in rc.seed_list]
-
-
 def run_train(cfg) -> dict[str, Any]:
     from slim_ray import storage
     from slim_ray.rec.checkpoint import META, read_meta
@@ -29,8 +24,8 @@ def run_train(cfg) -> dict[str, Any]:
     from slim_ray.runtime import init_ray
 
     specs = []
-    for b, m, r, s in sweep(cfg):  # resolve every spec first: a bad param fails before any training
-        specs.append((run_spec(cfg, b, m, r, s), cfg.layout.rec_run(b, m, s, r)))
+    for b, m, r, s, p in cfg.rec.runs():  # resolve every spec first: a bad param fails before any training
+        specs.append((run_spec(cfg, b, m, r, s, p), cfg.layout.rec_run(b, m, s, r, p)))
     _check_inputs(specs)
     todo = [(s, d) for s, d in specs if cfg.rec.force or not is_done(d, s["fingerprint"])]
     if cfg.rec.force:

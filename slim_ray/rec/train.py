@@ -39,17 +39,19 @@ import numpy as np
 
 from slim_ray import storage
 from slim_ray.rec.checkpoint import is_finished, write_run
-from slim_ray.rec.config import RecConfig, full_softmax_logit_bytes, resolve_hparams, variant_name
+from slim_ray.rec.config import RecConfig, base_role, full_softmax_logit_bytes, resolve_hparams, variant_name
 
 logger = logging.getLogger(__name__)
 
-def run_spec(cfg, backbone: str, mode: str, role: Optional[str], seed: int) -> dict[str, Any]:
-    """Everything one run needs, as plain JSON (shipped to the Ray Train workers)."""
+def run_spec(cfg, backbone: str, mode: str, role: Optional[str], seed: int,
+             protocol: Optional[str] = None) -> dict[str, Any]:
+    """Everything one run needs, as plain JSON (shipped to the Ray Train workers). ``protocol``:
+    the rationale protocol of a rationale variant (None: the first of ``rec.rationale_protocol``)."""
     rc: RecConfig = cfg.rec
     lay = cfg.layout
-    protocol = rc.rationale_protocol if role else None
+    protocol = (protocol or rc.protocols[0]) if role else None
     spec = {
-        "backbone": backbone, "mode": mode, "role": role, "variant": variant_name(mode, role),
+        "backbone": backbone, "mode": mode, "role": role, "variant": variant_name(mode, role, protocol),
         "seed": int(seed), "hp": resolve_hparams(rc, backbone),
         "sequences": storage.normalize(lay.sequences), "items": storage.normalize(lay.items),
         "item_embeddings": storage.normalize(lay.item_embeddings) if mode != "id" else None,
@@ -59,7 +61,7 @@ def run_spec(cfg, backbone: str, mode: str, role: Optional[str], seed: int) -> d
     }
     if protocol is not None:  # absent for id / id_text runs: their fingerprint does not change
         spec["rationale_protocol"] = protocol
-        spec["rationales"] = storage.normalize(lay.rationales(role)) if protocol == "consistent" else None
+        spec["rationales"] = storage.normalize(lay.rationales(base_role(role))) if protocol == "consistent" else None
     spec["fingerprint"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return spec
 

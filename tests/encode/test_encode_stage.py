@@ -174,3 +174,33 @@ def test_encoder_change_reencodes_and_missing_inputs(ray_session, tmp_path, run_
     a = EncoderSpec.from_config(run_cfg.encode)
     b = EncoderSpec.from_config(run_cfg.encode.model_copy(update={"dtype": "float32"}))
     assert a.key("x") == a.key("x") and a.key("x") != b.key("x") and a.key("x") != a.key("y")
+
+
+def test_step_parts_embed_one_step_of_the_chosen_rationale(ray_session, tmp_path):
+    """encode.rationale_parts=[text, step3] (the per-step ablation) writes embeddings/<role>-step3
+    with the Step 3 text of the row the whole-answer vector comes from; a user whose chosen answer
+    has no Step 3 gets no vector, even when a shorter-prefix answer of theirs has one."""
+    from slim_ray.encode.stage import run_encode
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "encode.batch_size=2", "encode.roles=[teacher]",
+                             "encode.rationale_parts=[text,step3]"])
+    lay = cfg.layout
+    os.makedirs(lay.items)
+    pq.write_table(_items_table(ITEM_TEXTS), os.path.join(lay.items, "part-0.parquet"))
+    os.makedirs(lay.rationales("teacher"))
+    rows = [_rationale(1, "Step 1: space opera. Step 3: Alien.", 5, "a"),
+            _rationale(1, "Step 1: short. Step 3: Toy Story.", 3, "b"),
+            _rationale(2, "Step 1: family animation fan.", 4, "c"),
+            _rationale(3, "Step 1: crime. Step 3: Heat.", 4, "d")]
+    for r, s3 in zip(rows, ["Alien.", "Toy Story.", None, "Heat."]):
+        r["step3"] = s3
+    pq.write_table(pa.Table.from_pylist(rows, schema=RATIONALES_SCHEMA),
+                   os.path.join(lay.rationales("teacher"), "part-0.parquet"))
+    res = run_encode(cfg)
+    assert res["outputs"]["teacher"]["encoded"] == 3 and res["outputs"]["teacher-step3"]["encoded"] == 2
+    ids, vecs = store.load_embeddings(lay.user_embeddings("teacher-step3"), kind="user")
+    assert ids.tolist() == [1, 3]
+    want = encode_texts(["Alien.", "Heat."], dtype="bfloat16")
+    assert (np.sum(want * vecs, axis=1) > 0.999).all()
+    whole = store.load_embeddings(lay.user_embeddings("teacher"), kind="user")[1]
+    assert float(whole[0] @ vecs[0]) < 0.99  # the step alone, not the whole answer

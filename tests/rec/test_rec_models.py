@@ -56,6 +56,33 @@ def test_variant_spelling_and_hparam_merge_order():
     assert hp["train_on"] == "prefixes" and hp["prefixes_per_user"] is None
 
 
+def test_protocol_sweep_and_step_ablation_spelling_name_distinct_runs():
+    """rec.rationale_protocol as a list trains each rationale variant once per protocol (leaky runs
+    get their own folder and variant name, so one evaluation compares both); id runs once; a
+    per-step variant reads its own embeddings but its cut from the whole role's rationales."""
+    assert parse_variant("slim:teacher-step3") == ("slim", "teacher-step3")
+    with pytest.raises(ValueError, match="-step1"):
+        parse_variant("slim:teacher-step4")
+    cfg = load_config(None, ["rec.backbone=sasrec", "rec.mode=[id,slim:student-step1]", "rec.seeds=[0,1]",
+                             "rec.rationale_protocol=[consistent,leaky]"])
+    runs = cfg.rec.runs()
+    assert runs == [("sasrec", "id", None, 0, None), ("sasrec", "id", None, 1, None),
+                    ("sasrec", "slim", "student-step1", 0, "consistent"),
+                    ("sasrec", "slim", "student-step1", 1, "consistent"),
+                    ("sasrec", "slim", "student-step1", 0, "leaky"), ("sasrec", "slim", "student-step1", 1, "leaky")]
+    dirs = {cfg.layout.rec_run(b, m, s, r, p) for b, m, r, s, p in runs}
+    assert len(dirs) == 6 and any(d.endswith("rec/sasrec-slim-student-step1-leaky-s1") for d in dirs)
+    assert cfg.layout.rec_run("sasrec", "slim", 0, "student-step1", "consistent").endswith(
+        "rec/sasrec-slim-student-step1-s0")  # the default protocol keeps the plain name
+    lo = run_spec(cfg, "sasrec", "slim", "student-step1", 0, "leaky")
+    co = run_spec(cfg, "sasrec", "slim", "student-step1", 0, "consistent")
+    assert (lo["variant"], co["variant"]) == ("slim:student-step1@leaky", "slim:student-step1")
+    assert co["user_embeddings"].endswith("embeddings/student-step1") and co["rationales"].endswith("rationales/student")
+    assert lo["rationales"] is None and lo["fingerprint"] != co["fingerprint"]
+    assert run_spec(cfg, "sasrec", "slim", "student-step1", 0) == co  # protocol None: the first listed
+    assert run_spec(cfg, "sasrec", "id", None, 0, "leaky")["variant"] == "id"
+
+
 def test_backbone_params_refuse_a_misspelt_key_and_a_wrong_type_naming_the_key():
     """Each backbone's merged hyper-parameters go through its pydantic model when the config loads."""
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['num_headz'\] for backbone sasrec"):
