@@ -1,6 +1,7 @@
 """Step 3 of a run's rationales, grounded in the catalog and scored as a recommender.
 
     .venv/bin/python bench/grounding.py --run-dir runs/demo [--role teacher] [--k 10] [--reground]
+        [--encoder all-minilm-l6-v2 [--min-cosine 0.8]]
 
 For every successful rationale of ``<run-dir>/rationales/<role>`` (a local folder or a storage
 URI), the catalog items its Step 3 names (``step3_item_ids``, or grounded here from the Step 3
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10, help="cut-off of HR and NDCG")
     p.add_argument("--reground", action="store_true", help="ground the Step 3 text again instead of "
                    "reading step3_item_ids")
+    p.add_argument("--encoder", default=None, help="also ground by nearest title embedding with this "
+                   "sentence-transformer (e.g. all-minilm-l6-v2); implies --reground")
+    p.add_argument("--min-cosine", type=float, default=0.8, help="the embedding match's least cosine")
     p.add_argument("--examples", type=int, default=5, help="grounded examples to print")
     p.add_argument("--json", default=None, help="also write the figures and examples to this file")
     args = p.parse_args(argv)
@@ -35,7 +39,8 @@ def main(argv=None) -> int:
 
     lay = load_config(None, [f"run_dir={args.run_dir}"]).layout
     rep = evaluate_folder(lay.rationales(args.role), lay.sequences, lay.items, k=args.k,
-                          reground=args.reground, n_examples=args.examples)
+                          reground=args.reground or bool(args.encoder), n_examples=args.examples,
+                          encoder=args.encoder, min_cosine=args.min_cosine)
     m = rep.metrics
     k = args.k
 
@@ -50,6 +55,8 @@ def main(argv=None) -> int:
     print(f"naming history items: {pct(m['share_naming_history'])} of rationales (training prefix), "
           f"{pct(m['share_naming_rationale_prefix'])} (the prefix the rationale read); "
           f"{pct(m['share_items_in_history'])} of grounded items are in the training prefix")
+    if m.get("grounded_items_by_match"):
+        print("grounded items by match: " + ", ".join(f"{k} {v}" for k, v in sorted(m["grounded_items_by_match"].items())))
     for ex in rep.examples:
         text = " ".join((ex["step3"] or "").split())
         print(f"\nuser {ex['user_id']} (test target {ex['test_target']}: {ex['test_target_title']})")

@@ -61,6 +61,13 @@ class GenerateConfig(StageConfig):
         "once, at most n_recs) may follow, then the end. Part of rationale_key. See "
         "slim_ray.generate.grounding."
     )
+    ground_encoder: Optional[str] = Field(
+        None, description="Step 3 grounding's last resort: a named item that no catalog title matches "
+        "exactly or fuzzily is matched to the title nearest by this sentence-transformer (packaged "
+        "name, e.g. all-minilm-l6-v2, or a local folder), when the cosine is at least "
+        "ground_min_cosine. None: off (measured in docs/generate.md, 'Step 3 grounding')."
+    )
+    ground_min_cosine: float = Field(0.8, gt=0.0, le=1.0, description="See ground_encoder.")
     min_prefix_len: int = Field(
         1, ge=1, description="Users whose training prefix (item_ids[:-2]) is shorter are skipped "
         "with a count."

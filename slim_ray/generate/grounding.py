@@ -21,9 +21,14 @@ contract, in this order:
 Known limit: a name missing from the catalog whose first part is a catalog title before a
 description separator ("Star Wars: The Last Jedi" -> "Star Wars") grounds to that title.
 
+4. **embedding** (optional, ``CatalogIndex(encoder=...)``; ``GenerateConfig.ground_encoder``):
+   a short entry (not a sentence) that none of the above grounds is embedded with a
+   sentence-transformer and matched to the catalog title whose vector is nearest, when the cosine
+   is at least ``min_cosine`` (0.8). The titles are embedded once per index; the names of a batch
+   of rows are embedded together, each distinct name once per process.
+
 A line of Step 3 (or a list entry, or each quoted / bold span in it) is one named item. The ids
-are kept in the order named, each once. Nearest-embedding matching is not done here: a name that
-neither matches nor is mentioned is left ungrounded.
+are kept in the order named, each once.
 
 The index (``CatalogIndex``) is built once per process and per items path (``catalog_index``):
 the generation writer grounds every row it writes with it.
@@ -111,8 +116,13 @@ def segments(step3: str) -> list[str]:
 class CatalogIndex:
     """Lookup structures over the catalog titles, built once (see the module docstring)."""
 
-    def __init__(self, items: pa.Table, fuzzy_threshold: float = 0.85, min_mention_chars: int = 4):
+    def __init__(self, items: pa.Table, fuzzy_threshold: float = 0.85, min_mention_chars: int = 4,
+                 encoder: Optional[str] = None, min_cosine: float = 0.8):
         items = items.sort_by("item_id")
+        # nearest-embedding fallback: title vectors built on first use; name -> (item id | None, cosine)
+        self.encoder, self.min_cosine = encoder, min_cosine
+        self._title_vecs: Optional[np.ndarray] = None
+        self.nearest: dict[str, tuple[Optional[int], float]] = {}
         self.ids = np.asarray(items["item_id"].to_numpy(zero_copy_only=False), dtype=np.int64)
         titles = items["title"].to_pylist()
         years = items["year"].to_pylist() if "year" in items.column_names else [None] * len(titles)
@@ -207,10 +217,38 @@ class CatalogIndex:
                 i += 1
         return out
 
+    def embed_names(self, names: Iterable[str]) -> None:
+        """Nearest catalog title of each name not looked up yet, by cosine of the encoder's vectors
+        (kept in ``self.nearest``; below ``min_cosine`` the name stays ungrounded)."""
+        todo = sorted({n for n in names if n not in self.nearest})
+        if not todo or self.encoder is None:
+            return
+        from slim_ray.encode.encoder import encode_texts
+
+        if self._title_vecs is None:
+            self._title_vecs = encode_texts(self.display, self.encoder)
+        sims = encode_texts(todo, self.encoder) @ self._title_vecs.T
+        best = sims.argmax(axis=1)
+        for name, row, cos in zip(todo, best.tolist(), sims[np.arange(len(todo)), best].tolist()):
+            self.nearest[name] = (int(self.ids[row]) if cos >= self.min_cosine else None, float(cos))
+
+    def _by_embedding(self, name: str, misses: Optional[list]) -> Optional[int]:
+        if self.encoder is None or not name.strip():
+            return None
+        name = name.strip()
+        if name not in self.nearest:
+            if misses is not None:  # a first pass over a batch: collect, embed them together later
+                misses.append(name)
+                return None
+            self.embed_names([name])
+        return self.nearest[name][0]
+
     # ------------------------------------------------------------------ one Step 3
 
-    def ground_detail(self, step3: Optional[str]) -> list[tuple[str, int, str]]:
-        """(name as written, item id, how) of every grounded item, in the order named, each id once."""
+    def ground_detail(self, step3: Optional[str], misses: Optional[list] = None) -> list[tuple[str, int, str]]:
+        """(name as written, item id, how) of every grounded item, in the order named, each id once.
+        ``misses``: collect the names the embedding fallback has not looked up yet instead of
+        embedding them one at a time (``ground_rows`` embeds a batch's names together)."""
         out: list[tuple[str, int, str]] = []
         seen: set[int] = set()
 
@@ -228,6 +266,10 @@ class CatalogIndex:
                 hits = [add(q, *self.match(q)) for q in quoted]
                 if any(hits):
                     continue
+                if self.encoder is not None:
+                    hits = [add(q, self._by_embedding(q, misses), "embedding") for q in quoted]
+                    if any(hits):
+                        continue
                 names = []
             else:
                 cut = _DESC_CUT.split(seg, maxsplit=1)[0].strip()
@@ -252,11 +294,21 @@ class CatalogIndex:
                 # is one name, so an unknown "Alien Resurrection" is not read as Alien)
                 for item in self.mentions(seg):
                     add(seg, item, "mention")
+            elif not found and names:  # one name no title matches: its nearest title, if close
+                add(names[-1], self._by_embedding(names[-1], misses), "embedding")
         return out
 
     def ground(self, step3: Optional[str]) -> list[int]:
         """Catalog item ids Step 3 names, in the order named, each once ([] when none)."""
         return [item for _, item, _ in self.ground_detail(step3)]
+
+    def prepare(self, step3s: Iterable[Optional[str]]) -> None:
+        """Embed, in one pass, the names of these Step 3s that only the embedding fallback can ground."""
+        if self.encoder is not None:
+            misses: list[str] = []
+            for s3 in step3s:
+                self.ground_detail(s3, misses)
+            self.embed_names(misses)
 
     def history_ids(self, titles: Iterable[str]) -> set[int]:
         """Item ids of history titles (as the prompt builder reports them: the raw catalog title).
@@ -269,6 +321,7 @@ class CatalogIndex:
     def ground_rows(self, step3s: Sequence[Optional[str]], history_titles: Sequence[Optional[list]]) -> dict[str, list]:
         """The grounding columns of a batch of rationale rows (see ``GROUNDING_FIELDS``)."""
         ids, grounded, n_hist = [], [], []
+        self.prepare(step3s)
         for s3, hist in zip(step3s, history_titles):
             g = self.ground(s3)
             h = self.history_ids(hist or [])
@@ -285,17 +338,17 @@ GROUNDING_FIELDS = [
     pa.field("step3_n_history", pa.int64()),  # of those, items of the history the rationale read
 ]
 
-_CACHE: dict[str, CatalogIndex] = {}
+_CACHE: dict[tuple, CatalogIndex] = {}
 
 
-def catalog_index(items_path: str) -> CatalogIndex:
-    """The catalog index of an items contract, built once per process (and per path)."""
-    key = storage.normalize(items_path)
+def catalog_index(items_path: str, encoder: Optional[str] = None, min_cosine: float = 0.8) -> CatalogIndex:
+    """The catalog index of an items contract, built once per process (and per path and encoder)."""
+    key = (storage.normalize(items_path), encoder, min_cosine)
     if key not in _CACHE:
-        t = storage.read_table(key, columns=["item_id", "title", "year"])
+        t = storage.read_table(key[0], columns=["item_id", "title", "year"])
         if t is None:
             raise FileNotFoundError(f"{items_path}: no items (Parquet)")
-        _CACHE[key] = CatalogIndex(t)
+        _CACHE[key] = CatalogIndex(t, encoder=encoder, min_cosine=min_cosine)
     return _CACHE[key]
 
 
@@ -351,7 +404,8 @@ class FolderReport:
 
 
 def evaluate_folder(rationales_dir: str, sequences_dir: str, items_dir: str, k: int = 10,
-                    reground: bool = False, n_examples: int = 3) -> FolderReport:
+                    reground: bool = False, n_examples: int = 3, encoder: Optional[str] = None,
+                    min_cosine: float = 0.8) -> FolderReport:
     """Step 3 metrics of a rationales folder against the test targets of the sequences.
 
     Rows with an error are left out. ``step3_item_ids`` is read from the rows when they have it
@@ -361,18 +415,24 @@ def evaluate_folder(rationales_dir: str, sequences_dir: str, items_dir: str, k: 
     prefix, which under the consistent cut also holds later training targets)."""
     from slim_ray.data import splits
 
-    index = catalog_index(items_dir)
+    index = catalog_index(items_dir, encoder, min_cosine)
     step3: dict[int, tuple[list[int], int, Optional[str]]] = {}  # user -> (ids, prefix_len, text)
+    matched_by: dict[str, int] = {}  # grounded items per match kind (when grounded here)
     for f in storage.parquet_files(rationales_dir):
         names = storage.parquet_schema(f).names
         cols = ["user_id", "prefix_len", "step3", "error"] + (["step3_item_ids"] if "step3_item_ids" in names else [])
         t = storage.read_parquet_file(f, columns=cols)
+        if reground or "step3_item_ids" not in names:
+            index.prepare(t.column("step3").to_pylist())
         for r in t.to_pylist():
             if r["error"] is not None:
                 continue
             ids = r.get("step3_item_ids")
             if reground or ids is None:
-                ids = index.ground(r["step3"])
+                detail = index.ground_detail(r["step3"])
+                ids = [item for _, item, _ in detail]
+                for _, _, how in detail:
+                    matched_by[how] = matched_by.get(how, 0) + 1
             step3[int(r["user_id"])] = (list(ids), int(r["prefix_len"] or 0), r["step3"])
     users, ids_l, targets, train_hist, cut_hist = [], [], [], [], []
     for f in storage.parquet_files(sequences_dir):
@@ -390,6 +450,7 @@ def evaluate_folder(rationales_dir: str, sequences_dir: str, items_dir: str, k: 
     m = step3_metrics(ids_l, targets, train_hist, k)
     m["share_naming_rationale_prefix"] = step3_metrics(ids_l, targets, cut_hist, k)["share_naming_history"]
     m["rationale_rows"] = len(step3)
+    m["grounded_items_by_match"] = matched_by or None
     m["catalog_items"] = len(index)
     title = dict(zip(index.ids.tolist(), index.display))
     examples = []

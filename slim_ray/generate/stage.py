@@ -152,7 +152,8 @@ SUMMARY_SCHEMA = pa.schema([(k, pa.int64()) for k in ("rows", "errors", "prompt_
 
 
 def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_version: str, engine: str,
-                items_path: Optional[str] = None) -> pa.Table:
+                items_path: Optional[str] = None, ground_encoder: Optional[str] = None,
+                ground_min_cosine: float = 0.8) -> pa.Table:
     """Parse answers, ground Step 3 in the catalog (``items_path``; the index is built once per
     writer process), write one Parquet part, return a one-row summary for the progress bar."""
     from slim_ray.generate.grounding import catalog_index
@@ -179,7 +180,8 @@ def write_batch(batch: pa.Table, out_dir: str, role: str, model: str, prompt_ver
         "node_id": batch["node_id"] if "node_id" in batch.column_names else [node_id()] * n,
     }
     if items_path:
-        cols.update(catalog_index(items_path).ground_rows(cols["step3"], batch["history_titles"].to_pylist()))
+        index = catalog_index(items_path, ground_encoder, ground_min_cosine)
+        cols.update(index.ground_rows(cols["step3"], batch["history_titles"].to_pylist()))
     else:  # no catalog given: grounding unknown
         cols.update(step3_item_ids=[None] * n, step3_grounded=[None] * n, step3_n_history=[None] * n)
     table = pa.table({k: (v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, OUTPUT_SCHEMA.field(k).type))
@@ -300,7 +302,8 @@ def _build_dataset(cfg, gen: GenerateConfig, role: str, p: dict, tally):
     extra = {"items_path": cfg.layout.items} if gen.engine == "hf" else {}  # constrained Step 3's catalog
     ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, p["run_id"], **extra)
     writer_args = dict(out_dir=p["out_dir"], role=role, model=spec.model_id, prompt_version=p["version"],
-                       engine=gen.engine, items_path=cfg.layout.items)
+                       engine=gen.engine, items_path=cfg.layout.items, ground_encoder=gen.ground_encoder,
+                       ground_min_cosine=gen.ground_min_cosine)
     part = dict(batch_size=gen.rows_per_file, batch_format="pyarrow", num_cpus=0)
     if gen.engine == "hf":
         # After the hf engine's actors, the writer is one long-lived actor, not a task per part:

@@ -61,6 +61,21 @@ def test_unmatched_and_mentioned_titles(index):
     assert index.ground("You may like Godfather, The and Star Wars 2") == [4]  # "Star Wars 2": a sequel
 
 
+def test_embedding_fallback_grounds_close_names_only():
+    """With an encoder (the packaged all-MiniLM-L6-v2), a name no title matches exactly or fuzzily
+    goes to the nearest title when the cosine clears min_cosine, and stays unmatched otherwise; the
+    names of a batch are embedded in one pass, each once."""
+    ix = CatalogIndex(items_table(), encoder="all-minilm-l6-v2", min_cosine=0.8)
+    step3 = "- The Matrix (1999)\n- The Terminator movie\n- Titanic 1997 film\n- Fargo (1996)"
+    cols = ix.ground_rows([step3, "- Casablanca classic\n- Jurassic Park"], [["Fargo"], []])
+    assert cols["step3_item_ids"] == [[11, 12, 6], [9]] and cols["step3_n_history"] == [1, 0]
+    assert ix.ground_detail(step3)[0] == ("The Terminator movie", 11, "embedding")
+    assert ix.nearest["The Matrix (1999)"][0] is None and ix.nearest["The Matrix (1999)"][1] < 0.8
+    assert set(ix.nearest) == {"The Matrix (1999)", "The Terminator movie", "Titanic 1997 film",
+                               "Casablanca classic", "Jurassic Park"}  # exact matches are not embedded
+    assert CatalogIndex(items_table()).ground(step3) == [6]  # off by default
+
+
 def test_history_items_are_flagged(index):
     cols = index.ground_rows(
         ["- Heat (1995)\n- Fargo (1996)\n- Alien (1979)", "- The Matrix", None],
