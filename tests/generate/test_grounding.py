@@ -150,11 +150,11 @@ def test_writer_stores_ids_and_folder_shares(tmp_path):
     assert rep.metrics["share_naming_rationale_prefix"] == pytest.approx(0.0)
 
 
-def test_constrain_step3_needs_the_hf_engine(tmp_path):
+def test_constrain_step3_needs_the_hf_or_vllm_engine(tmp_path):
     run = str(tmp_path / "run")
     write_prepared(run, n_users=2)
     cfg = load_config(None, [f"run_dir={run}", "teacher.engine=openai", "teacher.constrain_step3=true"])
-    with pytest.raises(GenerationError, match="constrain_step3.*hf"):
+    with pytest.raises(GenerationError, match="constrain_step3.*hf and engine=vllm"):
         run_teach(cfg)
 
 
