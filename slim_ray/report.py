@@ -50,13 +50,30 @@ def _summary(stage_dir: str) -> dict[str, Any]:
     return m.get("summary", {})
 
 
+def _parts(variant: str) -> tuple[str, str, str]:
+    """``slim:student-step1@leaky`` -> (``slim:student``, ``step1``, ``leaky``)."""
+    base, _, protocol = variant.partition("@")
+    base, _, part = base.partition("-")
+    return base, part, protocol
+
+
 def _sorted_variants(variants: dict[str, Any]) -> list[str]:
-    return sorted(variants, key=lambda v: (VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99, v))
+    """The paper's order; a variant's per-step and leaky runs right after it."""
+    def key(v: str):
+        base, part, protocol = _parts(v)
+        return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else 99, base, part, protocol)
+    return sorted(variants, key=key)
 
 
 def _label(backbone: str, variant: str) -> str:
     b = BACKBONE_LABEL.get(backbone, backbone)
-    return VARIANT_LABEL.get(variant, variant).replace("{B}", b)
+    base, part, protocol = _parts(variant)
+    label = VARIANT_LABEL.get(base, base).replace("{B}", b)
+    if part:
+        label += f", Step {part.removeprefix('step')} only"
+    if protocol:
+        label += f" [{protocol} protocol]"
+    return label
 
 
 def results_table(metrics: dict[str, Any], protocol: str) -> str:
