@@ -153,3 +153,47 @@ def test_parity_bench_scores_recbole_models_on_our_protocol():
     assert got["ndcg@10"] == pytest.approx(np.mean(ndcg))
     assert got["hr@10"] == pytest.approx(np.mean(hr))
     assert 0 < np.mean(hr) < 1  # the data leaves room for a wrong answer either way
+
+
+def test_slim_effect_bench_pairs_seed_means_against_baseline_and_leaky(tmp_path):
+    """bench/slim_effect.py on per-user rows written in evaluate's layout: seed means, the better
+    baseline chosen per protocol, and consistent vs leaky paired on the same users."""
+    import importlib.util
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "slim_effect.py")
+    spec = importlib.util.spec_from_file_location("slim_effect", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    rng = np.random.default_rng(0)
+    n = 200
+    base = rng.uniform(0, 0.2, n)
+    level = {"id": 0.0, "id_text": 0.01, "slim:student": 0.03, "slim:student@leaky": -0.02}
+    rows = []
+    for var, shift in level.items():
+        for seed in (0, 1):
+            noise = rng.normal(0, 0.001, n)
+            rows.append(pa.table({"user_id": np.arange(n, dtype=np.int64), "backbone": ["sasrec"] * n,
+                                  "variant": [var] * n, "seed": np.full(n, seed, np.int64),
+                                  "protocol": ["full"] * n, "ndcg@10": base + shift + noise}))
+    folder = tmp_path / "run" / "eval" / "per_user"
+    folder.mkdir(parents=True)
+    for i, t in enumerate(rows):
+        pq.write_table(t.take(rng.permutation(n)), folder / f"part-{i}.parquet")  # any row order
+    out = mod.effect_rows(mod.per_user(str(folder), "ndcg@10"), "full")
+    by = {r["variant"]: r for r in out}
+    assert [r["variant"] for r in out] == ["id", "id_text", "slim:student", "slim:student@leaky"]
+    assert by["id"]["seeds"] == 2 and "vs_baseline" not in by["id"]
+    slim = by["slim:student"]
+    assert slim["vs_baseline"]["baseline"] == "id_text"
+    assert slim["vs_baseline"]["mean_diff"] == pytest.approx(0.02, abs=0.001) and slim["vs_baseline"]["p_ttest"] < 1e-6
+    assert slim["consistent_vs_leaky"]["mean_diff"] == pytest.approx(0.05, abs=0.001)
+    assert by["slim:student@leaky"]["vs_baseline"]["mean_diff"] == pytest.approx(-0.03, abs=0.001)
+    assert "consistent_vs_leaky" not in by["slim:student@leaky"]
+    table = mod.markdown(out, "full", "ndcg@10")
+    assert "| sasrec | slim:student | 2 | " in table and "vs id_text" in table
+    assert f"| {100 * slim['consistent_vs_leaky']['mean_diff']:+.2f} |" in table
