@@ -169,6 +169,11 @@ def honest_paragraph(metrics: dict[str, Any], teacher: dict[str, Any], student: 
                                        else f" (the difference is not significant, paired t-test p = {p:.2g})")
         out.append(f"With {BACKBONE_LABEL.get(bb, bb)}, SLIM {verdict} the better baseline "
                    f"({_label(bb, best)}) on {prot} NDCG@10: {100 * s:.2f} vs {100 * b:.2f}{signif}.")
+        leaky = variants.get("slim:student@leaky")
+        if leaky is not None:
+            lk = leaky["mean"][prot]["ndcg@10"]
+            out.append(f"Trained with the leaky protocol (the rationale fused also at the training positions "
+                       f"whose targets it has read) the same SLIM scores {100 * lk:.2f}.")
     t_out = (teacher.get("output") or {})
     s_out = (student.get("output") or {})
     quality = []

@@ -22,3 +22,14 @@ def test_leaky_and_step_variants_sit_under_their_variant_with_gain_and_p():
     leaky = rows[3]
     assert "-10.0% vs SASRec" in leaky and leaky.rstrip(" |").endswith("0.004")
     assert "+10.0% vs SASRec" in rows[2] and "-30.0% vs SASRec" in rows[4]
+
+
+def test_honest_paragraph_reads_both_protocols_from_the_numbers():
+    from slim_ray.report import honest_paragraph
+
+    results = {"gru4rec": {v: _entry(x) for v, x in [("id", 0.10), ("id_text", 0.08), ("slim:student", 0.09),
+                                                     ("slim:student@leaky", 0.07)]}}
+    sig = {"gru4rec": {"slim:student": {"full": {"p_ttest": 0.2}}}}
+    text = honest_paragraph({"results": results, "significance": sig, "protocols": ["full"]}, {}, {}, {})
+    assert "With GRU4Rec, SLIM does not beat the better baseline (GRU4Rec) on full NDCG@10: 9.00 vs 10.00" in text
+    assert "not significant, paired t-test p = 0.2" in text and "the same SLIM scores 7.00" in text
