@@ -5,9 +5,11 @@
                                   prefix, render the prompt, compute
                                   rationale_key, skip done/too-short
 
-Nothing per user happens on the driver: it reads the ``user_id`` column once (8 bytes a user) to
-draw the teacher's seeded sample, builds the done set from the output's key columns (8 bytes a
-pair), and then only streams small per-part summaries for the progress bar. Prompts are built,
+Nothing per user happens on the driver: one Ray task reads the ``user_id`` column (8 bytes a user)
+to draw the teacher's seeded sample and builds the done set from the output's key columns (8 bytes
+a pair); both reach the prompt actors as object references, the driver gets their sizes. It then
+streams small per-part summaries for the progress bar, and a last Ray task compacts the folder
+against the pairs the prompt actors wanted (held by the tally actor, never by the driver). Prompts are built,
 generated, parsed and written inside Ray Data; each batch is written as its own Parquet part the
 moment it is done, so a crash loses at most the batches in flight. Rerunning resumes: rows whose
 (user_id, rationale_key) already has a successful row are skipped; failed rows (``error`` set) are
@@ -66,11 +68,15 @@ def run_reason(cfg) -> dict[str, Any]:
 class PromptStage:
     """Ray Data actor: sequences -> prompt rows for the users still to do."""
 
-    def __init__(self, items_path: str, settings: dict, tokenizer: Optional[str], selected: Optional[np.ndarray],
-                 done: np.ndarray, model_id: str, sampling: dict, min_prefix_len: int, tally):
+    def __init__(self, items_path: str, settings: dict, tokenizer: Optional[str], plan_refs: list,
+                 model_id: str, sampling: dict, min_prefix_len: int, tally):
+        """``plan_refs``: [done set, selected users or None] as object references (``resume_plan``)."""
+        import ray
+
         from slim_ray.prompts import PromptBuilder
 
         self.pb = PromptBuilder(read_items(items_path), count_tokens=token_counter(tokenizer), **settings)
+        done, selected = ray.get(list(plan_refs))
         self.selected = None if selected is None else np.unique(selected)
         self.done = done
         self.model_id, self.sampling, self.min_prefix_len, self.tally = model_id, sampling, min_prefix_len, tally
@@ -139,8 +145,12 @@ def _tally_cls():
                 self.nodes.add(node)
 
         def get(self):
-            w = np.concatenate(self.wanted) if self.wanted else np.zeros(0, dtype=np.int64)
-            return self.counts, w, sorted(self.nodes)
+            """Counts and nodes: what the driver reads."""
+            return self.counts, sorted(self.nodes)
+
+        def get_wanted(self) -> np.ndarray:
+            """The wanted pairs' hashes (8 bytes a row): read by the compaction task, not the driver."""
+            return np.concatenate(self.wanted) if self.wanted else np.zeros(0, dtype=np.int64)
 
     return Tally
 
@@ -265,6 +275,8 @@ def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
                               "an OpenAI-compatible endpoint takes no per-request grammar of ours")
     lay = cfg.layout
     seq_files = _sequence_files(lay.sequences)
+    for f in seq_files:  # a wrong schema is named here, not from inside the plan task
+        check_columns(storage.parquet_schema(f), SEQUENCES_SCHEMA, f)
     if not storage.list_files(lay.items, suffix=".parquet", recursive=True):
         raise GenerationError(f"{lay.items}: no items (Parquet) -- run `slim-ray prepare` first")
     spec = resolve_model(cfg, gen)
@@ -273,10 +285,25 @@ def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     storage.makedirs(out_dir)
     remove_temp_files(out_dir)
     unreadable = drop_unreadable_parts(out_dir)  # before the done set: their rows are generated again
-    selected, n_selected = select_users(seq_files, gen.num_users, cfg.seed)
-    return dict(seq_files=seq_files, spec=spec, out_dir=out_dir, done=done_pairs(out_dir), selected=selected,
-                n_selected=n_selected, unreadable_parts=unreadable,
+    return dict(seq_files=seq_files, spec=spec, out_dir=out_dir, unreadable_parts=unreadable,
                 version=load_template(gen.template or DEFAULT_TEMPLATE[role]).version, run_id=uuid.uuid4().hex[:12])
+
+
+def resume_plan(seq_files: list[str], num_users: Optional[int], seed: int, out_dir: str):
+    """Runs as a Ray task: (sizes, done set, selected users or None). The two arrays have an entry
+    per user; they go to the prompt actors as object references and never to the driver."""
+    selected, n_selected = select_users(seq_files, num_users, seed)
+    done = done_pairs(out_dir)
+    return {"n_selected": n_selected, "n_done": int(len(done))}, done, selected
+
+
+def _plan(p: dict, gen: GenerateConfig, seed: int) -> None:
+    """Phase 1b (a Ray task): the teacher's sample and the done set, as object references in ``p``."""
+    import ray
+
+    sizes, done_ref, selected_ref = ray.remote(num_returns=3)(resume_plan).remote(
+        p["seq_files"], gen.num_users, seed, p["out_dir"])
+    p.update(ray.get(sizes), plan_refs=[done_ref, selected_ref])
 
 
 def _build_dataset(cfg, gen: GenerateConfig, role: str, p: dict, tally):
@@ -290,7 +317,7 @@ def _build_dataset(cfg, gen: GenerateConfig, role: str, p: dict, tally):
         PromptStage,
         fn_constructor_kwargs=dict(
             items_path=cfg.layout.items, settings=prompt_settings(cfg, gen), tokenizer=spec.tokenizer,
-            selected=p["selected"], done=p["done"], model_id=spec.model_id, sampling=sampling_params(gen),
+            plan_refs=p["plan_refs"], model_id=spec.model_id, sampling=sampling_params(gen),
             min_prefix_len=gen.min_prefix_len, tally=tally,
         ),
         batch_size=1024, batch_format="pyarrow", num_cpus=0,
@@ -326,7 +353,7 @@ def _stream(ds, gen: GenerateConfig, role: str, p: dict) -> dict[str, Any]:
     t0 = time.time()
     first_row_s = None
     try:
-        bar = tqdm(total=max(0, p["n_selected"] - len(p["done"])), desc=f"{role} rationales ({gen.engine})",
+        bar = tqdm(total=max(0, p["n_selected"] - p["n_done"]), desc=f"{role} rationales ({gen.engine})",
                    unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
         for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for k in totals:
@@ -349,19 +376,28 @@ def _stream(ds, gen: GenerateConfig, role: str, p: dict) -> dict[str, Any]:
     return dict(totals, nodes=nodes, seconds=time.time() - t0, first_row_s=first_row_s)
 
 
+def compact_and_count(out_dir: str, tally, complete: bool) -> tuple[dict, dict, Optional[int]]:
+    """Runs as a Ray task: compact the folder to one row per wanted pair (the tally's, when the
+    prompt stage saw every selected user) and count it. Returns (compaction, totals, wanted rows)."""
+    import ray
+
+    wanted = ray.get(tally.get_wanted.remote()) if complete else None
+    compaction = compact(out_dir, wanted)
+    return compaction, folder_totals(out_dir, wanted), None if wanted is None else int(len(np.unique(wanted)))
+
+
 def _finish(gen: GenerateConfig, role: str, p: dict, run: dict, tally) -> dict[str, Any]:
     """Phase 4: compact the folder to one row per wanted pair, count it, build the summary."""
     import ray
 
-    counts, wanted, prompt_nodes = ray.get(tally.get.remote())
-    ray.kill(tally)
+    counts, prompt_nodes = ray.get(tally.get.remote())
     seen_users = counts.get("selected", 0) - counts.get("skipped_duplicate", 0)
-    if seen_users != p["n_selected"]:  # never drop rows on an incomplete picture
+    complete = seen_users == p["n_selected"]
+    if not complete:  # never drop rows on an incomplete picture
         logger.warning("[%s] prompt stage saw %s of %s selected users; keeping rows of other configs",
                        role, seen_users, p["n_selected"])
-        wanted = None
-    compaction = compact(p["out_dir"], wanted)
-    tot = folder_totals(p["out_dir"], wanted)
+    compaction, tot, n_wanted = ray.get(ray.remote(num_cpus=0)(compact_and_count).remote(p["out_dir"], tally, complete))
+    ray.kill(tally)
     gen_s = run["seconds"]
 
     def cost(prompt_tokens: int, output_tokens: int) -> float:
@@ -372,7 +408,7 @@ def _finish(gen: GenerateConfig, role: str, p: dict, run: dict, tally) -> dict[s
         "role": role, "engine": gen.engine, "model": gen.model, "model_id": p["spec"].model_id,
         "adapter": p["spec"].adapter, "prompt_version": p["version"], "run_id": p["run_id"],
         "rationale_cut": gen.rationale_cut,
-        "users_selected": p["n_selected"], "wanted_rows": None if wanted is None else int(len(np.unique(wanted))),
+        "users_selected": p["n_selected"], "wanted_rows": n_wanted,
         "done_rows": n_ok, "failed_rows": tot["failed_rows"], "missing_rows": tot.get("missing_rows"),
         "skipped_short_prefix": counts.get("skipped_short", 0),
         "skipped_already_done": counts.get("skipped_done", 0),
@@ -419,6 +455,7 @@ def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     t_start = time.time()
     p = _prepare(cfg, gen, role)
     init_ray(cfg.ray)
+    _plan(p, gen, cfg.seed)
     tally = _tally_cls().remote()
     ds = _build_dataset(cfg, gen, role, p, tally)
     run = _stream(ds, gen, role, p)
