@@ -80,11 +80,16 @@ def _plain(text: str) -> str:
     return _NON_WORD.sub(" ", t.lower()).strip()
 
 
+#: A year cut short by the token budget at the very end of an answer: "Starship Troopers (19".
+_YEAR_CUT = re.compile(r"\(\s*\d{0,3}\s*$")
+
+
 def split_name(name: str) -> tuple[str, Optional[int]]:
     """``"The Godfather (1972)"`` -> ``("the godfather", 1972)``: the normalised title and the
-    last year written in parentheses (None when there is none)."""
-    years = _YEAR_ANY.findall(name or "")
-    return normalize_title(_YEAR_ANY.sub(" ", name or "")), (int(years[-1]) if years else None)
+    last year written in parentheses (None when there is none; a year cut short is dropped)."""
+    name = _YEAR_CUT.sub(" ", name or "")
+    years = _YEAR_ANY.findall(name)
+    return normalize_title(_YEAR_ANY.sub(" ", name)), (int(years[-1]) if years else None)
 
 
 def _sequel_words(norm: str) -> frozenset:
@@ -267,10 +272,6 @@ class CatalogIndex:
                 hits = [add(q, *self.match(q)) for q in quoted]
                 if any(hits):
                     continue
-                if self.encoder is not None:
-                    hits = [add(q, self._by_embedding(q, misses), "embedding") for q in quoted]
-                    if any(hits):
-                        continue
                 names = []
             else:
                 cut = _DESC_CUT.split(seg, maxsplit=1)[0].strip()
@@ -293,10 +294,11 @@ class CatalogIndex:
             if not found and (_PROSE.search(seg) or len(seg.split()) > 6):
                 # a sentence or an enumeration, not one name: scan it for titles (a short entry
                 # is one name, so an unknown "Alien Resurrection" is not read as Alien)
-                for item in self.mentions(seg):
-                    add(seg, item, "mention")
-            elif not found and names:  # one name no title matches: its nearest title, if close
-                add(names[-1], self._by_embedding(names[-1], misses), "embedding")
+                found = any([add(seg, item, "mention") for item in self.mentions(seg)])
+                names = []  # a sentence is not embedded as a name
+            if not found and self.encoder is not None:  # last resort: the nearest title, if close
+                for name in quoted or names[-1:]:
+                    add(name, self._by_embedding(name, misses), "embedding")
         return out
 
     def ground(self, step3: Optional[str]) -> list[int]:

@@ -41,6 +41,11 @@ def test_exact_matches_normalised_titles(index):
     ]
 
 
+def test_a_year_cut_short_by_the_token_budget_still_matches(index):
+    assert index.ground("- Heat (1995)\n- Titanic (19") == [3, 12]
+    assert index.match("Fargo (") == (6, "exact")
+
+
 def test_fuzzy_matches_misspelt_titles_and_rejects_sequels(index):
     step3 = "- Terminatr (1984)\n- Lion King\n- Casablanka\n- Toy Story 2\n- Star Trek"
     detail = index.ground_detail(step3)
