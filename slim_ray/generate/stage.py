@@ -9,9 +9,9 @@ Nothing per user happens on the driver: one Ray task reads the ``user_id`` colum
 to draw the teacher's seeded sample and builds the done set from the output's key columns (8 bytes
 a pair); both reach the prompt actors as object references, the driver gets their sizes. It then
 streams small per-part summaries for the progress bar, and a last Ray task compacts the folder
-against the pairs the prompt actors wanted (held by the tally actor, never by the driver). Prompts are built,
-generated, parsed and written inside Ray Data; each batch is written as its own Parquet part the
-moment it is done, so a crash loses at most the batches in flight. Rerunning resumes: rows whose
+against the pairs the prompt actors wanted (held by the tally actor, never by the driver).
+Prompts are built, generated, parsed and written inside Ray Data; each batch is written as its own
+Parquet part the moment it is done, so a crash loses at most the batches in flight. Rerunning resumes: rows whose
 (user_id, rationale_key) already has a successful row are skipped; failed rows (``error`` set) are
 generated again. After a successful run ``store.compact`` leaves exactly one row per selected user.
 """
@@ -271,8 +271,8 @@ def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     if gen.role != role:
         raise GenerationError(f"config section for the {role} has role={gen.role!r}")
     if gen.constrain_step3 and gen.engine not in ("hf", "vllm"):
-        raise GenerationError(f"{role}.constrain_step3 is implemented for engine=hf and engine=vllm (not {gen.engine}): "
-                              "an OpenAI-compatible endpoint takes no per-request grammar of ours")
+        raise GenerationError(f"{role}.constrain_step3 is implemented for engine=hf and engine=vllm "
+                              f"(not {gen.engine}): an OpenAI-compatible endpoint takes no grammar of ours")
     lay = cfg.layout
     seq_files = _sequence_files(lay.sequences)
     for f in seq_files:  # a wrong schema is named here, not from inside the plan task
