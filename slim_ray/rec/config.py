@@ -41,7 +41,6 @@ MODES = ("id", "id_text", "slim", "text")
 ROLES = ("teacher", "student")
 #: Rationale parts the encode stage can embed on their own (the per-step ablation).
 STEP_PARTS = ("step1", "step2", "step3")
-PROTOCOLS = ("consistent", "leaky")
 
 
 def base_role(role: str) -> str:
