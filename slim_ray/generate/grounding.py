@@ -621,12 +621,15 @@ class Step3Grammar:
         for row, (t, d) in enumerate(zip(titles, self.display)):
             for key in {(t or "").strip(), d}:
                 self.by_title.setdefault(key, set()).add(row)
-        self.n_recs = n_recs
         self.quoted = [_gbnf_string(d) for d in self.display]
         self.head = self._free_text_rules()
+        nested = ""  # entry (entry (entry ...)?)?: 1 to n_recs entries
+        for _ in range(n_recs - 1):
+            nested = f" (entry{nested})?"
+        self.entries = "entries ::= entry" + nested
 
     def _free_text_rules(self) -> str:
-        """root, the marker automaton s0..s6 and ``entry``; ``entries`` and ``title`` come per row."""
+        """root, the marker automaton s0..s6 and ``entry`` (``entries`` and ``title`` come per row)."""
         m = self.MARKER
         first = _gbnf_string(m[0])
         assert m.count(m[0]) == 1, "the automaton needs a marker whose first character occurs once"
@@ -635,10 +638,6 @@ class Step3Grammar:
             nxt = f"s{i + 1}" if i + 1 < len(m) else "entries"
             rules.append(f's{i} ::= "" | [^{_gbnf_class(m[i] + m[0])}] s0 | {first} s1 | {_gbnf_string(m[i])} {nxt}')
         rules.append('entry ::= "\\n- " title')
-        nested = ""  # entry (entry (entry ...)?)?: 1 to n_recs entries
-        for _ in range(self.n_recs - 1):
-            nested = f" (entry{nested})?"
-        self.entries = "entries ::= entry" + nested
         return "\n".join(rules)
 
     def for_history(self, history_titles: Optional[Sequence[str]]) -> str:
