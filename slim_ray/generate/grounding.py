@@ -472,6 +472,21 @@ def evaluate_folder(rationales_dir: str, sequences_dir: str, items_dir: str, k: 
 _MARKER = re.compile(r"step\s*3\s*(?:\*\*)?\s*:", re.I)
 
 
+def catalog_titles(items: pa.Table) -> tuple[list[str], dict[str, list[int]]]:
+    """The catalog titles as prompts show them (``Godfather, The (1972)``), in item_id order, and
+    the rows each raw or displayed title stands for (how a prompt's history titles are looked up)."""
+    items = items.sort_by("item_id")
+    ids = items["item_id"].to_pylist()
+    titles = items["title"].to_pylist()
+    years = items["year"].to_pylist() if "year" in items.column_names else [None] * len(ids)
+    display = [item_title({"title": t, "year": y, "item_id": i}) for t, y, i in zip(titles, years, ids)]
+    by_title: dict[str, list[int]] = {}
+    for row, (t, d) in enumerate(zip(titles, display)):
+        for key in {(t or "").strip(), d}:
+            by_title.setdefault(key, []).append(row)
+    return display, by_title
+
+
 class _Node(dict):
     """Trie node: token id -> child; ``ends``: catalog rows whose entry ends here; ``count``:
     entries in the subtree."""
@@ -499,15 +514,7 @@ class Step3Constraint:
         self.tok = tokenizer
         self.end_ids = sorted(int(i) for i in end_ids)
         self.n_recs = n_recs
-        items = items.sort_by("item_id")
-        ids = items["item_id"].to_pylist()
-        titles = items["title"].to_pylist()
-        years = items["year"].to_pylist() if "year" in items.column_names else [None] * len(ids)
-        self.display = [item_title({"title": t, "year": y, "item_id": i}) for t, y, i in zip(titles, years, ids)]
-        self.by_title: dict[str, list[int]] = {}
-        for row, (t, d) in enumerate(zip(titles, self.display)):
-            for key in {(t or "").strip(), d}:
-                self.by_title.setdefault(key, []).append(row)
+        self.display, self.by_title = catalog_titles(items)
         enc = tokenizer([self.PREFIX + d for d in self.display], add_special_tokens=False)["input_ids"]
         self.paths = [list(p) for p in enc]
         self.root = _Node()
@@ -612,15 +619,7 @@ class Step3Grammar:
     MARKER = "Step 3:"
 
     def __init__(self, items: pa.Table, n_recs: int = 5):
-        items = items.sort_by("item_id")
-        ids = items["item_id"].to_pylist()
-        titles = items["title"].to_pylist()
-        years = items["year"].to_pylist() if "year" in items.column_names else [None] * len(ids)
-        self.display = [item_title({"title": t, "year": y, "item_id": i}) for t, y, i in zip(titles, years, ids)]
-        self.by_title: dict[str, set[int]] = {}
-        for row, (t, d) in enumerate(zip(titles, self.display)):
-            for key in {(t or "").strip(), d}:
-                self.by_title.setdefault(key, set()).add(row)
+        self.display, self.by_title = catalog_titles(items)
         self.quoted = [_gbnf_string(d) for d in self.display]
         self.head = self._free_text_rules()
         nested = ""  # entry (entry (entry ...)?)?: 1 to n_recs entries
