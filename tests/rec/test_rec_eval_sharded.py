@@ -137,7 +137,7 @@ def test_sharded_metrics_equal_one_process_and_shards_do_not_change_candidates(r
     ref_full = random_reference(rd.eval_split(data, "test", 1).n_candidates, KS)
     assert m["random"]["full"] == pytest.approx(ref_full, abs=1e-12)
     for p in ("sampled", "full"):
-        sig = m["significance"]["sasrec"]["slim:teacher"][p]
+        sig = m["significance"]["sasrec"]["slim:teacher@leaky"][p]
         assert sig["baseline"] == "id"  # the only baseline of this sweep
         a = per_user["sasrec-slim-teacher-s0"][p]["ndcg@10"]
         b = np.mean([per_user[f"sasrec-id-s{s}"][p]["ndcg@10"] for s in (0, 1)], axis=0)
@@ -170,9 +170,9 @@ def test_sharded_metrics_equal_one_process_and_shards_do_not_change_candidates(r
     assert rows3.num_rows == rows.num_rows
     for name in metric_names(KS):
         assert rows3.column(name).to_numpy() == pytest.approx(rows.column(name).to_numpy(), abs=1e-12)
-    sig3 = m3["significance"]["sasrec"]["slim:teacher"]["full"]
+    sig3 = m3["significance"]["sasrec"]["slim:teacher@leaky"]["full"]
     assert sig3["p_wilcoxon"] is None and "89 users > 50" in sig3["wilcoxon_skipped"]
-    assert sig3["p_ttest"] == pytest.approx(m["significance"]["sasrec"]["slim:teacher"]["full"]["p_ttest"], rel=1e-9)
+    assert sig3["p_ttest"] == pytest.approx(m["significance"]["sasrec"]["slim:teacher@leaky"]["full"]["p_ttest"], rel=1e-9)
 
     # nothing changed: the stored candidates are reused, not redrawn
     from slim_ray.rec.stage import run_evaluate
