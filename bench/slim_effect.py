@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
-BASELINES = ("id", "id_text")
+from slim_ray.rec.evaluate import BASELINES  # the variants every other one is compared with
 
 
 def per_user(folder: str, metric: str) -> dict[tuple[str, str, str], dict[int, tuple[np.ndarray, np.ndarray]]]:
