@@ -1,5 +1,7 @@
 """SLIM's effect in one table per ranking protocol: every variant against the better of id /
-id_text, and each rationale variant's time-consistent runs against its leaky ones, paired per user.
+id_text, each rationale variant's time-consistent runs against its leaky ones, and (with
+``evaluate.rationales: [cut, full_prefix]``) the same runs read with the full-prefix rationale
+(``<variant>+full``) against their cut rationale, paired per user.
 
     .venv/bin/python bench/slim_effect.py --run-dir runs/effect [--metric ndcg@10] [--json out.json]
 
@@ -18,6 +20,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from slim_ray.rec.config import FULL_PREFIX_VARIANT
 from slim_ray.rec.evaluate import BASELINES  # the variants every other one is compared with
 
 
@@ -76,9 +79,11 @@ def effect_rows(data, protocol: str) -> list[dict]:
                    "mean": float(np.mean(seed_means)), "std": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else 0.0}
             if best and var not in BASELINES:
                 row["vs_baseline"] = {"baseline": best, **compare(means[var], means[best])}
-            leaky = var + "@leaky"
+            leaky, full = var + "@leaky", var + FULL_PREFIX_VARIANT
             if "@" not in var and leaky in means:
                 row["consistent_vs_leaky"] = compare(means[var], means[leaky])
+            if full in means:
+                row["full_prefix_vs_cut"] = compare(means[full], means[var])
             rows.append(row)
     return rows
 
@@ -86,15 +91,17 @@ def effect_rows(data, protocol: str) -> list[dict]:
 def markdown(rows: list[dict], protocol: str, metric: str) -> str:
     lines = [f"{protocol} ranking, {metric} in %, mean ± std over seeds; p: paired t-test / Wilcoxon on "
              "per-user values averaged over seeds", "",
-             f"| backbone | variant | seeds | {metric} | vs best of id / id_text | p (t / W) | consistent − leaky | p (t / W) |",
-             "|---|---|---:|---:|---|---|---:|---|"]
+             f"| backbone | variant | seeds | {metric} | vs best of id / id_text | p (t / W) | consistent − leaky | p (t / W) "
+             "| full-prefix − cut rationale | p (t / W) |",
+             "|---|---|---:|---:|---|---|---:|---|---:|---|"]
     for r in rows:
         cells = [r["backbone"], r["variant"], str(r["seeds"]), f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"]
         vb = r.get("vs_baseline")
         cells += ([f"{100 * vb['mean_diff']:+.2f} vs {vb['baseline']}", f"{vb['p_ttest']:.2g} / {vb['p_wilcoxon']:.2g}"]
                   if vb else ["", ""])
-        cl = r.get("consistent_vs_leaky")
-        cells += [f"{100 * cl['mean_diff']:+.2f}", f"{cl['p_ttest']:.2g} / {cl['p_wilcoxon']:.2g}"] if cl else ["", ""]
+        for key in ("consistent_vs_leaky", "full_prefix_vs_cut"):
+            cl = r.get(key)
+            cells += [f"{100 * cl['mean_diff']:+.2f}", f"{cl['p_ttest']:.2g} / {cl['p_wilcoxon']:.2g}"] if cl else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

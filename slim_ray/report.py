@@ -18,6 +18,7 @@ import re
 from typing import Any, Optional
 
 from slim_ray import storage
+from slim_ray.rec.config import FULL_PREFIX_VARIANT
 
 # Paper (WWW 2024), Amazon Games, SASRec backbone, sampled-100, in %.
 PAPER_GAMES_SASREC = {
@@ -50,27 +51,31 @@ def _summary(stage_dir: str) -> dict[str, Any]:
     return m.get("summary", {})
 
 
-def _parts(variant: str) -> tuple[str, str, str]:
-    """``slim:student-step1@leaky`` -> (``slim:student``, ``step1``, ``leaky``)."""
-    base, _, protocol = variant.partition("@")
+def _parts(variant: str) -> tuple[str, str, str, bool]:
+    """``slim:student-step1@leaky`` -> (``slim:student``, ``step1``, ``leaky``, False);
+    ``slim:student+full`` (scored with the full-prefix rationale) -> (``slim:student``, ``""``, ``""``, True)."""
+    full = variant.endswith(FULL_PREFIX_VARIANT)
+    base, _, protocol = variant.removesuffix(FULL_PREFIX_VARIANT).partition("@")
     base, _, part = base.partition("-")
-    return base, part, protocol
+    return base, part, protocol, full
 
 
 def _sorted_variants(variants: dict[str, Any]) -> list[str]:
-    """The paper's order; a variant's per-step and leaky runs right after it."""
+    """The paper's order; a variant's full-prefix reading, per-step and leaky runs right after it."""
     def key(v: str):
-        base, part, protocol = _parts(v)
-        return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else 99, base, part, protocol)
+        base, part, protocol, full = _parts(v)
+        return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else 99, base, part, protocol, full)
     return sorted(variants, key=key)
 
 
 def _label(backbone: str, variant: str) -> str:
     b = BACKBONE_LABEL.get(backbone, backbone)
-    base, part, protocol = _parts(variant)
+    base, part, protocol, full = _parts(variant)
     label = VARIANT_LABEL.get(base, base).replace("{B}", b)
     if part:
         label += f", Step {part.removeprefix('step')} only"
+    if full:
+        label += ", evaluated with the full-prefix rationale"
     if protocol:
         label += f" [{protocol} protocol]"
     return label
@@ -169,6 +174,14 @@ def honest_paragraph(metrics: dict[str, Any], teacher: dict[str, Any], student: 
                                        else f" (the difference is not significant, paired t-test p = {p:.2g})")
         out.append(f"With {BACKBONE_LABEL.get(bb, bb)}, SLIM {verdict} the better baseline "
                    f"({_label(bb, best)}) on {prot} NDCG@10: {100 * s:.2f} vs {100 * b:.2f}{signif}.")
+        full = variants.get("slim:student" + FULL_PREFIX_VARIANT)
+        if full is not None:
+            fs = full["mean"][prot]["ndcg@10"]
+            fsig = metrics.get("significance", {}).get(bb, {}).get("slim:student" + FULL_PREFIX_VARIANT, {}).get(prot, {})
+            fp = fsig.get("p_ttest")
+            out.append(f"The same SLIM models given, at evaluation, a second rationale written from the whole "
+                       f"training prefix score {100 * fs:.2f}"
+                       + ("" if fp is None else f" (against {_label(bb, best)}: paired t-test p = {fp:.2g})") + ".")
         leaky = variants.get("slim:student@leaky")
         if leaky is not None:
             lk = leaky["mean"][prot]["ndcg@10"]

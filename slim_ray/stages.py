@@ -88,6 +88,8 @@ STAGES: dict[str, Stage] = {
                 "prepared": c.layout.prepared,
                 "teacher_rationales": c.layout.rationales("teacher"),
                 "student_rationales": c.layout.rationales("student"),
+                # the evaluation-time sets (rationales/<role>-full/), when encode.roles names them
+                **{f"{r}_rationales": c.layout.rationales(r) for r in c.encode.roles if r not in ("teacher", "student")},
             },
             lambda c: c.layout.embeddings,
             "sentence-transformer embeddings of item texts and user rationales",

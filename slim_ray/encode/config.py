@@ -42,9 +42,11 @@ class EncodeConfig(StageConfig):
     max_seq_length: Optional[int] = Field(
         None, ge=8, description="Truncate inputs to this many tokens (None: the encoder's own, 256 for MiniLM)."
     )
-    roles: list[Literal["teacher", "student"]] = Field(
+    roles: list[Literal["teacher", "student", "teacher-full", "student-full"]] = Field(
         default_factory=lambda: ["teacher", "student"],
-        description="Whose rationales to embed as user vectors (a missing rationales folder is skipped).",
+        description="Whose rationales to embed as user vectors (a missing rationales folder is skipped). "
+        "<role>-full: the evaluation-time set written from the whole training prefix "
+        "(generation eval_rationale=full_prefix; its whole text only), read by evaluate.rationales.",
     )
     rationale_parts: list[Literal["text", "step1", "step2", "step3"]] = Field(
         default_factory=lambda: ["text"],

@@ -270,7 +270,8 @@ def _gather_inputs(cfg, spec: EncoderSpec, summary: dict) -> tuple[Any, list[tup
     layout, ecfg = cfg.layout, cfg.encode
     jobs = [("items", layout.items, layout.item_embeddings, "item", "text")]
     for role in ecfg.roles:
-        for part in ecfg.rationale_parts:
+        parts_of_role = ["text"] if role.endswith("-full") else ecfg.rationale_parts  # no step ablation at eval
+        for part in parts_of_role:
             name = role if part == "text" else f"{role}-{part}"
             jobs.append((name, layout.rationales(role), layout.user_embeddings(name), "user", part))
     parts, outputs = [], []

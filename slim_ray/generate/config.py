@@ -81,6 +81,14 @@ class GenerateConfig(StageConfig):
         "cut_min_tail targets remain). full_prefix: c = L (the whole training prefix; the rationale "
         "has read every training target -- kept for comparison). prefix_len records c."
     )
+    eval_rationale: Literal["cut", "full_prefix"] = Field(
+        "cut", description="cut: one rationale per user, written as rationale_cut says. full_prefix: "
+        "the stage also writes a second rationale per user from the whole training prefix into "
+        "rationales/<role>-full/ (twice the generation). Encode embeds it with encode.roles "
+        "[<role>-full], and evaluate.rationales [cut, full_prefix] scores every consistent-protocol "
+        "run a second time with it (variant <variant>+full): trained on the cut rationale, "
+        "evaluated on one that read the whole training prefix, as the test target never was."
+    )
     cut_tail_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="consistent cut: share of the training prefix kept after the "
         "cut as targets the rationale never saw."

@@ -57,12 +57,30 @@ PROMPT_ROW_SCHEMA = pa.schema([
 
 def run_teach(cfg) -> dict[str, Any]:
     """Teacher rationales for a seeded sample of ``cfg.teacher.num_users`` users."""
-    return run_generation(cfg, cfg.teacher, "teacher")
+    return run_generations(cfg, cfg.teacher, "teacher")
 
 
 def run_reason(cfg) -> dict[str, Any]:
     """Student rationales for every user (``cfg.student``; model ``distilled`` by default)."""
-    return run_generation(cfg, cfg.student, "student")
+    return run_generations(cfg, cfg.student, "student")
+
+
+#: Folder suffix of the second, evaluation-time rationale set (``eval_rationale=full_prefix``).
+FULL_PREFIX_SUFFIX = "-full"
+
+
+def run_generations(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
+    """The role's rationales and, with ``eval_rationale=full_prefix``, a second pass over the same
+    users from the whole training prefix into ``rationales/<role>-full/``. Each pass resumes on its
+    own; the summary is the first pass's, the second's under ``full_prefix`` (its failed rows are
+    counted in ``failed_rows``, so a partial second pass keeps the stage from looking complete)."""
+    summary = run_generation(cfg, gen, role)
+    if gen.eval_rationale == "full_prefix":
+        full = run_generation(cfg, gen.model_copy(update={"rationale_cut": "full_prefix"}), role,
+                              out_name=role + FULL_PREFIX_SUFFIX)
+        summary["full_prefix"] = full
+        summary["failed_rows"] = int(summary.get("failed_rows") or 0) + int(full.get("failed_rows") or 0)
+    return summary
 
 
 class PromptStage:
@@ -263,8 +281,9 @@ def select_users(files: list[str], num_users: Optional[int], seed: int) -> tuple
 # ------------------------------------------------------------------------------------ job
 
 
-def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
-    """Phase 1 (driver, no Ray): check inputs and model, clean and read the output folder."""
+def _prepare(cfg, gen: GenerateConfig, role: str, out_name: Optional[str] = None) -> dict[str, Any]:
+    """Phase 1 (driver, no Ray): check inputs and model, clean and read the output folder
+    (``rationales/<out_name or role>``)."""
     from slim_ray.prompts import load_template
     from slim_ray.prompts.templates import DEFAULT_TEMPLATE
 
@@ -281,7 +300,7 @@ def _prepare(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
         raise GenerationError(f"{lay.items}: no items (Parquet) -- run `slim-ray prepare` first")
     spec = resolve_model(cfg, gen)
     preflight(gen, spec)
-    out_dir = storage.normalize(lay.rationales(role))
+    out_dir = storage.normalize(lay.rationales(out_name or role))
     storage.makedirs(out_dir)
     remove_temp_files(out_dir)
     unreadable = drop_unreadable_parts(out_dir)  # before the done set: their rows are generated again
@@ -353,7 +372,7 @@ def _stream(ds, gen: GenerateConfig, role: str, p: dict) -> dict[str, Any]:
     t0 = time.time()
     first_row_s = None
     try:
-        bar = tqdm(total=max(0, p["n_selected"] - p["n_done"]), desc=f"{role} rationales ({gen.engine})",
+        bar = tqdm(total=max(0, p["n_selected"] - p["n_done"]), desc=f"{storage.basename(p['out_dir'])} rationales ({gen.engine})",
                    unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
         for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for k in totals:
@@ -447,13 +466,14 @@ def _finish(gen: GenerateConfig, role: str, p: dict, run: dict, tally) -> dict[s
     }
 
 
-def run_generation(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
-    """One resumable generation attempt. Rows that fail (``error`` set) are kept as error rows and
-    counted in ``failed_rows``; the stage itself only fails when the engine cannot run at all."""
+def run_generation(cfg, gen: GenerateConfig, role: str, out_name: Optional[str] = None) -> dict[str, Any]:
+    """One resumable generation attempt into ``rationales/<out_name or role>``. Rows that fail
+    (``error`` set) are kept as error rows and counted in ``failed_rows``; the stage itself only
+    fails when the engine cannot run at all."""
     from slim_ray.runtime import init_ray
 
     t_start = time.time()
-    p = _prepare(cfg, gen, role)
+    p = _prepare(cfg, gen, role, out_name)
     init_ray(cfg.ray)
     _plan(p, gen, cfg.seed)
     tally = _tally_cls().remote()

@@ -74,6 +74,16 @@ def variant_name(mode: str, role: Optional[str], protocol: Optional[str] = None)
     return f"{name}@{protocol}" if role is not None and protocol == "leaky" else name
 
 
+#: Variant suffix of a consistent-protocol run scored with the rationale written from the whole
+#: training prefix (evaluate.rationales: full_prefix), e.g. ``slim:student+full``.
+FULL_PREFIX_VARIANT = "+full"
+
+
+def full_prefix_role(role: str) -> str:
+    """``"student"`` -> ``"student-full"``: the rationales/embeddings folder of that second set."""
+    return f"{base_role(role)}-full"
+
+
 # --------------------------------------------------------------------------- backbone hyper-parameters
 
 DEFAULTS_DIR = os.path.join(os.path.dirname(__file__), "defaults")
@@ -384,5 +394,12 @@ class EvalConfig(StageConfig):
     )
     significance_metric: str = Field(
         "ndcg@10", description="Per-user metric of the paired significance test (full ranking and sampled)."
+    )
+    rationales: list[Literal["cut", "full_prefix"]] = Field(
+        default_factory=lambda: ["cut"],
+        description="Which rationale a consistent-protocol rationale run reads at evaluation. cut: the "
+        "one it was trained with. full_prefix: the second rationale written from the whole training "
+        "prefix (embeddings/<role>-full/, generation eval_rationale=full_prefix); the same trained "
+        "model is scored again as variant <variant>+full. Both: one evaluation, paired tests for both.",
     )
     batch_users: int = Field(1024, ge=1, description="Users scored per batched matmul.")

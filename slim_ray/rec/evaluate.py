@@ -36,6 +36,7 @@ import pyarrow as pa
 from slim_ray import storage
 from slim_ray.rec import data as rd
 from slim_ray.rec.checkpoint import MODEL, finished_runs, load_run, read_meta
+from slim_ray.rec.config import FULL_PREFIX_VARIANT, base_role, full_prefix_role
 from slim_ray.rec.metrics import (
     add_paired_sums, evaluate_vectors, metric_names, paired_sums, paired_test_from_sums, random_reference, wilcoxon_p,
 )
@@ -135,14 +136,30 @@ def plan_shards(sequences: str, shard_users: int = SHARD_USERS) -> list[dict[str
 _RUNS: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def cached_run(run_dir: str):
-    """``load_run`` once per worker process and run version (model.pt's size and time)."""
+def with_user_table(model, meta, user_embeddings: str):
+    """The run's model reading another rationale set (``embeddings/<role>-full/``): its per-user
+    table is replaced, users without a vector there take the run's missing-rationale fallback."""
+    import torch
+
+    table, has, _ = rd.user_text_table(user_embeddings, np.zeros(0, np.int64), model.user_text.shape[0] - 1, "zeros")
+    if table.shape[1] != model.user_text.shape[1]:
+        raise ValueError(f"{user_embeddings}: {table.shape[1]}-d vectors, the run was trained on "
+                         f"{model.user_text.shape[1]}-d ones (encode both sets with one encoder)")
+    model.pop_user_table()
+    model.put_user_table(torch.from_numpy(table), torch.from_numpy(has))
+    return model
+
+
+def cached_run(run_dir: str, user_embeddings: Optional[str] = None):
+    """``load_run`` once per worker process and run version (model.pt's size and time), with the
+    per-user table of ``user_embeddings`` when given (``evaluate.rationales: full_prefix``)."""
     fi = storage.info(storage.join(run_dir, MODEL))
-    key = (storage.normalize(run_dir), fi.size, fi.mtime_ns)
+    key = (storage.normalize(run_dir), fi.size, fi.mtime_ns, user_embeddings)
     if key in _RUNS:
         _RUNS.move_to_end(key)
         return _RUNS[key]
-    _RUNS[key] = load_run(run_dir)
+    model, meta = load_run(run_dir)
+    _RUNS[key] = (with_user_table(model, meta, user_embeddings), meta) if user_embeddings else (model, meta)
     while len(_RUNS) > RUN_CACHE_SIZE:
         _RUNS.popitem(last=False)
     return _RUNS[key]
@@ -227,7 +244,7 @@ def evaluate_shard(shard: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]
         if n == 0:
             out["runs"][run["tag"]] = {"n": 0, "sums": {}}
             continue
-        model, meta = cached_run(run["dir"])
+        model, meta = cached_run(run["dir"], run.get("user_embeddings"))
         per_user = user_metrics(model, meta, _subset(data, n), None if cand is None else cand[:n], ks,
                                 job["batch_users"])
         out["runs"][run["tag"]] = {"n": n, "sums": {p: {m: float(v.sum()) for m, v in per_user[p].items()}
@@ -286,6 +303,35 @@ def _run_records(runs: list[str], cutoffs: dict[int, Optional[int]]) -> list[dic
         recs.append({"dir": r, "tag": storage.basename(r), "backbone": meta["backbone"], "variant": meta["variant"],
                      "seed": int(meta["seed"]), "cutoff": cutoffs.get(mu) if mu else None, "meta": meta})
     return recs
+
+
+def _full_prefix_records(records, lay) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Each consistent-protocol rationale run again, reading the rationale written from the whole
+    training prefix (``embeddings/<role>-full/``): variant ``<variant>+full``, run tag ``<tag>+full``.
+    Per-step runs (``<role>-step<k>``) have no such set and are left out. A role without the set is
+    skipped and returned as {role: missing folder} (metrics.json names it); none at all is an error."""
+    out, missing, roles = [], {}, set()
+    for r in records:
+        role, proto = r["meta"].get("role"), r["meta"].get("rationale_protocol")
+        if not role or proto != "consistent" or role != base_role(role):
+            continue
+        roles.add(role)
+        path = storage.normalize(lay.user_embeddings(full_prefix_role(role)))
+        if role in missing or not storage.list_files(path, suffix=".parquet", recursive=True):
+            missing[role] = path
+            continue
+        out.append({**r, "tag": r["tag"] + FULL_PREFIX_VARIANT, "variant": r["variant"] + FULL_PREFIX_VARIANT,
+                    "user_embeddings": path})
+    if roles and not out:
+        role = sorted(missing)[0]
+        raise FileNotFoundError(
+            f"{missing[role]}: no rationale vectors, needed by evaluate.rationales=full_prefix "
+            f"(generate them with {role}.eval_rationale=full_prefix, then encode with encode.roles "
+            f"including {full_prefix_role(role)})")
+    for role, path in sorted(missing.items()):
+        logger.warning("[evaluate] %s: no full-prefix rationale vectors; the %s runs are scored with their "
+                       "cut rationale only", path, role)
+    return out, missing
 
 
 def _scan(shards, runs: list[str], n_items: Optional[int]) -> tuple[Optional[int], dict[int, Optional[int]]]:
@@ -366,13 +412,21 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
     init_ray(cfg.ray)
     n_items, cutoffs = _scan(shards, runs, rd.count_items(lay.items))
     records = _run_records(runs, cutoffs)
+    full_missing: dict[str, str] = {}
+    if "full_prefix" in ec.rationales:
+        full, full_missing = _full_prefix_records(records, lay)
+        if "cut" not in ec.rationales:  # only the full-prefix reading of those runs
+            cut_tags = {r["tag"][:-len(FULL_PREFIX_VARIANT)] for r in full}
+            records = [r for r in records if r["tag"] not in cut_tags]
+        records += full
     cand = _prepare_candidates(cfg, shards, n_items) if "sampled" in protocols else None
     per_user_dir = storage.join(lay.eval, PER_USER)
     storage.delete_dir(per_user_dir)
     storage.delete_file(storage.join(lay.eval, "candidates.parquet"))  # the single file of older versions
     job = {"n_items": n_items, "ks": ks, "protocols": protocols, "significance_metric": ec.significance_metric,
            "batch_users": ec.batch_users, "candidates": cand, "per_user_dir": per_user_dir,
-           "runs": [{k: r[k] for k in ("dir", "tag", "backbone", "variant", "seed", "cutoff")} for r in records],
+           "runs": [{k: r.get(k) for k in ("dir", "tag", "backbone", "variant", "seed", "cutoff", "user_embeddings")}
+                    for r in records],
            "pairs": _pairs(records, protocols)}
     logger.warning("[evaluate] %d run(s) on %d shard(s)%s", len(records), len(shards),
                    ", candidates reused" if cand and cand["reuse"] else "")
@@ -397,6 +451,7 @@ def evaluate_all(cfg, shard_users: int = SHARD_USERS,
         "per_user": f"eval/{PER_USER}/", "shards": len(shards),
         "random": {p: {m: sum(r["random"][p][m] for r in res if p in r["random"]) / num_users for m in names}
                    for p in ("sampled", "full") if p in protocols},
+        "rationales": {"read": list(ec.rationales), "full_prefix_missing": full_missing},
         "results": results,
         "significance": _significance(records, res, results, ec, per_user_dir, wilcoxon_max_users),
     }
@@ -423,7 +478,7 @@ def _aggregate(records, res, protocols, names) -> dict[str, Any]:
     for (bb, var), items in sorted(groups.items()):
         items.sort(key=lambda x: x["seed"])
         metas = [x["meta"] for x in items]
-        entry: dict[str, Any] = {"runs": [f"rec/{x['tag']}" for x in items], "seeds": [x["seed"] for x in items],
+        entry: dict[str, Any] = {"runs": [f"rec/{storage.basename(x['dir'])}" for x in items], "seeds": [x["seed"] for x in items],
                                  "per_seed": {str(x["seed"]): x["means"] for x in items}, "mean": {}, "std": {},
                                  "fallback_users": [m.get("fallback_users", 0) for m in metas],
                                  "best_epoch": [m.get("best_epoch") for m in metas],
