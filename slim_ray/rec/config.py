@@ -104,6 +104,8 @@ OPTIONAL_PARAMS = {
     "sampled_negatives": f"{SAMPLED_NEGATIVES} negatives shared by each batch (loss=sampled_softmax)",
     "sampled_distribution": "uniform: negatives drawn uniformly over the catalog (loss=sampled_softmax)",
     "full_softmax_max_bytes": f"{FULL_SOFTMAX_MAX_BYTES} (2 GiB): loss=auto's threshold on one batch's logits",
+    "window_stride": "max_len: train_on=all_positions cuts each history into windows that do not overlap "
+                     "(so does any stride of max_len or more)",
 }
 TRAIN_ON = ("all_positions", "prefixes")
 
@@ -140,6 +142,7 @@ class BackboneParams(BaseModel):
     sampled_negatives: Optional[Count] = None
     sampled_distribution: Optional[Literal["uniform", "popularity"]] = None
     full_softmax_max_bytes: Optional[Count] = None
+    window_stride: Optional[Count] = None  # at least max_len: windows that do not overlap
 
 
 class SASRecParams(BackboneParams):

@@ -143,20 +143,37 @@ def _examples(seqs, tgts, pos, users, max_len: int, cuts: Optional[np.ndarray], 
 
 
 def window_examples(data: RecData, max_len: int, cuts: Optional[np.ndarray] = None,
-                    protocol: str = "consistent") -> Examples:
+                    protocol: str = "consistent", stride: Optional[int] = None) -> Examples:
     """All-position training: each training prefix is cut into windows of ``max_len`` (from the
     end); every position predicts the next item. Fixed for the whole run. With ``cuts`` (the
-    rationale prefix_len of each user id), ``rationale_mask`` follows ``protocol``."""
+    rationale prefix_len of each user id), ``rationale_mask`` follows ``protocol``.
+
+    ``stride`` < ``max_len`` overlaps the windows: window k ends ``k * stride`` items before the end
+    and keeps targets only on its last ``stride`` positions (the window reaching the start keeps them
+    all), so every target is predicted once, from at least ``max_len - stride`` earlier items when
+    the history has them. Without overlap the first positions of each window start from nothing,
+    although the model reads up to ``max_len`` items at test time. None, or a stride of ``max_len``
+    or more: windows that do not overlap."""
+    step = max_len if stride is None else min(int(stride), max_len)
+    if step < 1:
+        raise ValueError(f"window stride {stride} must be at least 1")
     seqs, tgts, pos, users = [], [], [], []
     for u, s in zip(data.user_ids, data.seqs):
         train = splits.training_prefix(s)
         x, y = train[:-1], train[1:]
-        for end in range(len(x), 0, -max_len):
+        for end in range(len(x), 0, -step):
             start = max(0, end - max_len)
+            first = start if start == 0 else end - step  # targets before it belong to a later window
             seqs.append(x[start:end])
-            tgts.append(y[start:end])
-            pos.append(np.arange(start + 1, end + 1, dtype=np.int64))  # y[i] is train[i + 1]
+            t = np.array(y[start:end], dtype=np.int64)
+            t[:first - start] = 0  # 0 = no target at that position
+            tgts.append(t)
+            p = np.arange(start + 1, end + 1, dtype=np.int64)  # y[i] is train[i + 1]
+            p[:first - start] = -1
+            pos.append(p)
             users.append(u)
+            if start == 0:
+                break
     return _examples(seqs, tgts, pos, users, max_len, cuts, protocol)
 
 

@@ -228,7 +228,8 @@ class _Run:
             self.sampler = negative_sampler(self.hp, self.data)
             self.log_q = self.sampler.log_q.to(self.device)
         self.valid = rd.eval_split(self.data, "valid", self.max_len)
-        self.fixed = (rd.window_examples(self.data, self.max_len, self.cuts, spec.get("rationale_protocol", "leaky"))
+        self.fixed = (rd.window_examples(self.data, self.max_len, self.cuts, spec.get("rationale_protocol", "leaky"),
+                                         self.hp.get("window_stride"))
                       if self.hp["train_on"] == "all_positions" else None)
         self.start_epoch, self.best, self.best_epoch, self.bad = 0, -1.0, -1, 0
         self.history: list[dict] = []
@@ -393,7 +394,9 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
         if (epoch + 1) % int(spec["eval_every"]) and epoch + 1 != epochs:
             run.history.append(dict(metrics, worker_rss_mib=_peak_rss_mib()))
             continue
+        t_valid = time.time()
         improved = run.validate(metrics)
+        metrics["valid_seconds"] = time.time() - t_valid  # with epoch_seconds: the time to the best epoch
         metrics["worker_rss_mib"] = _peak_rss_mib()  # this worker's peak so far, validation included
         run.history.append(metrics)
         run.report(metrics, improved)

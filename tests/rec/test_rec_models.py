@@ -34,6 +34,40 @@ def test_leave_one_out_split_and_examples():
     assert p.seq.tolist() == [[5, 0], [5, 6]] and p.targets.tolist() == [[6, 0], [0, 7]]
 
 
+def test_overlapping_windows_predict_every_target_once_with_context():
+    """window_stride: each training target once, from at least max_len - stride earlier items when
+    the history has them; without it the windows tile the history and a window's first positions
+    start from nothing."""
+    rng = np.random.default_rng(0)
+    lengths = [3, 9, 12, 50, 51, 137]
+    data = rd.RecData(np.arange(1, len(lengths) + 1),
+                      [rng.integers(1, 500, size=n) for n in lengths], 500, len(lengths))
+    L = 10
+    for stride in (None, 25, 10, 5, 3, 1):
+        ex = rd.window_examples(data, L, stride=stride)
+        for u, seq in zip(data.user_ids, data.seqs):
+            rows = np.flatnonzero(ex.users == u)
+            n_targets = len(seq) - 3  # training prefix len - 2 items, each after the first one is a target
+            got = sorted(int(t) for r in rows for t in ex.target_pos[r][ex.targets[r] > 0])
+            assert got == list(range(1, n_targets + 1)), (stride, u)  # every target index exactly once
+            for r in rows:
+                for i in np.flatnonzero(ex.targets[r] > 0):
+                    t = ex.target_pos[r][i]
+                    assert ex.targets[r][i] == seq[t] and ex.seq[r][i] == seq[t - 1]
+                    context = i + 1  # items the position reads, itself included
+                    if stride is not None:
+                        assert context >= min(t, L - min(stride, L) + 1), (stride, u, t, context)
+        no_overlap = rd.window_examples(data, L)
+        if stride in (None, 25, L):  # a stride of max_len or more: no overlap
+            assert np.array_equal(ex.seq, no_overlap.seq) and np.array_equal(ex.targets, no_overlap.targets)
+    # without overlap, the 137-item user's windows start from nothing at most window starts
+    ex = rd.window_examples(data, L)
+    long_user = ex.users == len(lengths)
+    assert (ex.targets[long_user][:, 0] > 0).all() and long_user.sum() == math.ceil(134 / L)
+    with pytest.raises(ValueError, match="window stride 0 must be at least 1"):
+        rd.window_examples(data, L, stride=0)
+
+
 def test_variant_spelling_and_hparam_merge_order():
     assert parse_variant("slim") == ("slim", "student")
     assert parse_variant("slim:teacher") == ("slim", "teacher")
