@@ -136,7 +136,7 @@ def plan_shards(sequences: str, shard_users: int = SHARD_USERS) -> list[dict[str
 _RUNS: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def with_user_table(model, meta, user_embeddings: str):
+def with_user_table(model, user_embeddings: str):
     """The run's model reading another rationale set (``embeddings/<role>-full/``): its per-user
     table is replaced, users without a vector there take the run's missing-rationale fallback."""
     import torch
@@ -159,7 +159,7 @@ def cached_run(run_dir: str, user_embeddings: Optional[str] = None):
         _RUNS.move_to_end(key)
         return _RUNS[key]
     model, meta = load_run(run_dir)
-    _RUNS[key] = (with_user_table(model, meta, user_embeddings), meta) if user_embeddings else (model, meta)
+    _RUNS[key] = (with_user_table(model, user_embeddings) if user_embeddings else model), meta
     while len(_RUNS) > RUN_CACHE_SIZE:
         _RUNS.popitem(last=False)
     return _RUNS[key]

@@ -97,13 +97,16 @@ def test_auto_picks_full_softmax_for_movielens_and_sampled_above_the_threshold()
         hp = backbone_defaults(b)
         assert hp["loss"] == "auto"
         assert choose_loss(hp, ML1M_ITEMS) == "full_softmax"
-    sas, gnn = backbone_defaults("sasrec"), backbone_defaults("srgnn")
-    # batch 64 x 50 positions x (3706 + 1) columns x 4 bytes; SR-GNN scores only the last position
-    assert full_softmax_logit_bytes(sas, ML1M_ITEMS) == 64 * 50 * 3707 * 4 == 47_449_600
+    sas, gru, gnn = backbone_defaults("sasrec"), backbone_defaults("gru4rec"), backbone_defaults("srgnn")
+    # batch 16 x 50 positions x (3706 + 1) columns x 4 bytes; SR-GNN scores only the last position
+    assert full_softmax_logit_bytes(sas, ML1M_ITEMS) == 16 * 50 * 3707 * 4 == 11_862_400
+    assert full_softmax_logit_bytes(gru, ML1M_ITEMS) == 64 * 50 * 3707 * 4 == 47_449_600
     assert full_softmax_logit_bytes(gnn, ML1M_ITEMS) == 256 * 1 * 3707 * 4
     assert FULL_SOFTMAX_MAX_BYTES == 2 * 1024**3
-    # SASRec's defaults switch between 167k and 168k items (2 GiB / (64 x 50 x 4 bytes) = 167,772)
-    assert choose_loss(sas, 167_000) == "full_softmax" and choose_loss(sas, 168_000) == "sampled_softmax"
+    # the defaults switch at 2 GiB / (batch x 50 x 4 bytes) - 1 items: SASRec (batch 16) between
+    # 671,087 and 671,088, GRU4Rec (batch 64) between 167,771 and 167,772
+    assert choose_loss(sas, 671_087) == "full_softmax" and choose_loss(sas, 671_088) == "sampled_softmax"
+    assert choose_loss(gru, 167_771) == "full_softmax" and choose_loss(gru, 167_772) == "sampled_softmax"
     # a tiny threshold from the config: the same small catalog now trains with the sampled softmax
     rc = load_config(None, ["rec.params={full_softmax_max_bytes: 1000}", "rec.sampled_negatives=8"]).rec
     hp = resolve_hparams(rc, "sasrec")
