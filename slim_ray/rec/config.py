@@ -106,6 +106,9 @@ OPTIONAL_PARAMS = {
     "full_softmax_max_bytes": f"{FULL_SOFTMAX_MAX_BYTES} (2 GiB): loss=auto's threshold on one batch's logits",
     "window_stride": "max_len: train_on=all_positions cuts each history into windows that do not overlap "
                      "(so does any stride of max_len or more)",
+    "lr_plateau_factor": "a constant learning rate (set: multiply it by this after lr_plateau_patience "
+                         "validations without a better valid NDCG@10)",
+    "lr_plateau_patience": "2 (with lr_plateau_factor)",
 }
 TRAIN_ON = ("all_positions", "prefixes")
 
@@ -143,6 +146,8 @@ class BackboneParams(BaseModel):
     sampled_distribution: Optional[Literal["uniform", "popularity"]] = None
     full_softmax_max_bytes: Optional[Count] = None
     window_stride: Optional[Count] = None  # at least max_len: windows that do not overlap
+    lr_plateau_factor: Optional[Annotated[Real, Field(gt=0.0, lt=1.0)]] = None
+    lr_plateau_patience: Optional[Count] = None
 
 
 class SASRecParams(BackboneParams):

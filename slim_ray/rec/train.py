@@ -163,6 +163,16 @@ BUFFERS = ("item_text", "user_text", "user_has_text")
 DDP_KWARGS = {"forward_sync_buffers": False}
 
 
+def plateau_lr(hp: dict[str, Any], lr: float, improved: bool, bad: int) -> float:
+    """The learning rate after a validation: ``rec.params.lr_plateau_factor`` times ``lr`` after every
+    ``lr_plateau_patience`` (default 2) validations in a row without a better valid NDCG@10 (``bad``
+    of them so far), else ``lr``. Absent factor: a constant learning rate."""
+    factor = hp.get("lr_plateau_factor")
+    if factor is None or improved or bad == 0 or bad % int(hp.get("lr_plateau_patience") or 2):
+        return lr
+    return lr * float(factor)
+
+
 def _weights(state: dict) -> dict:
     """A state dict without the frozen text buffers (they are rebuilt from the inputs on resume)."""
     return {k: v for k, v in state.items() if k not in BUFFERS}
@@ -325,6 +335,12 @@ class _Run:
         self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
         return True
 
+    def decay_on_plateau(self, improved: bool) -> None:
+        """Apply ``plateau_lr`` to every parameter group after a validation. The optimizer's state,
+        learning rate included, is in every checkpoint, so a resumed run keeps it."""
+        for group in self.opt.param_groups:
+            group["lr"] = plateau_lr(self.hp, group["lr"], improved, self.bad)
+
     def report(self, metrics: dict[str, Any], improved: bool) -> None:
         """``ray.train.report`` every validation; rank 0 attaches a checkpoint on improvement."""
         import torch
@@ -400,6 +416,7 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
         metrics["worker_rss_mib"] = _peak_rss_mib()  # this worker's peak so far, validation included
         run.history.append(metrics)
         run.report(metrics, improved)
+        run.decay_on_plateau(improved)
         if run.bad >= int(run.hp["patience"]):
             break
     if run.rank == 0:

@@ -68,6 +68,24 @@ def test_overlapping_windows_predict_every_target_once_with_context():
         rd.window_examples(data, L, stride=0)
 
 
+def test_plateau_learning_rate_decays_after_patience_validations_without_a_better_one():
+    from slim_ray.rec.train import plateau_lr
+
+    hp = resolve_hparams(load_config(None, ["rec.params={lr_plateau_factor: 0.5, lr_plateau_patience: 2}"]).rec,
+                         "sasrec")
+    lr, seen = 1e-3, []
+    # validations: better, worse, worse (decay), worse, worse (decay), better, worse
+    bad = 0
+    for improved in (True, False, False, False, False, True, False):
+        bad = 0 if improved else bad + 1
+        lr = plateau_lr(hp, lr, improved, bad)
+        seen.append(lr)
+    assert seen == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4, 2.5e-4]
+    assert plateau_lr(resolve_hparams(load_config(None, []).rec, "sasrec"), 1e-3, False, 4) == 1e-3  # off by default
+    with pytest.raises(ConfigError, match="lr_plateau_factor"):
+        load_config(None, ["rec.params={lr_plateau_factor: 1.5}"])
+
+
 def test_variant_spelling_and_hparam_merge_order():
     assert parse_variant("slim") == ("slim", "student")
     assert parse_variant("slim:teacher") == ("slim", "teacher")
