@@ -177,8 +177,8 @@ def honest_paragraph(metrics: dict[str, Any], teacher: dict[str, Any], student: 
         full = variants.get("slim:student" + FULL_PREFIX_VARIANT)
         if full is not None:
             fs = full["mean"][prot]["ndcg@10"]
-            fsig = metrics.get("significance", {}).get(bb, {}).get("slim:student" + FULL_PREFIX_VARIANT, {}).get(prot, {})
-            fp = fsig.get("p_ttest")
+            sig_full = metrics.get("significance", {}).get(bb, {}).get("slim:student" + FULL_PREFIX_VARIANT, {})
+            fp = sig_full.get(prot, {}).get("p_ttest")
             out.append(f"The same SLIM models given, at evaluation, a second rationale written from the whole "
                        f"training prefix score {100 * fs:.2f}"
                        + ("" if fp is None else f" (against {_label(bb, best)}: paired t-test p = {fp:.2g})") + ".")

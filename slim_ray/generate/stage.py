@@ -372,7 +372,8 @@ def _stream(ds, gen: GenerateConfig, role: str, p: dict) -> dict[str, Any]:
     t0 = time.time()
     first_row_s = None
     try:
-        bar = tqdm(total=max(0, p["n_selected"] - p["n_done"]), desc=f"{storage.basename(p['out_dir'])} rationales ({gen.engine})",
+        bar = tqdm(total=max(0, p["n_selected"] - p["n_done"]),
+                   desc=f"{storage.basename(p['out_dir'])} rationales ({gen.engine})",
                    unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
         for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for k in totals:

@@ -478,7 +478,8 @@ def _aggregate(records, res, protocols, names) -> dict[str, Any]:
     for (bb, var), items in sorted(groups.items()):
         items.sort(key=lambda x: x["seed"])
         metas = [x["meta"] for x in items]
-        entry: dict[str, Any] = {"runs": [f"rec/{storage.basename(x['dir'])}" for x in items], "seeds": [x["seed"] for x in items],
+        entry: dict[str, Any] = {"runs": [f"rec/{storage.basename(x['dir'])}" for x in items],  # +full: same folder
+                                 "seeds": [x["seed"] for x in items],
                                  "per_seed": {str(x["seed"]): x["means"] for x in items}, "mean": {}, "std": {},
                                  "fallback_users": [m.get("fallback_users", 0) for m in metas],
                                  "best_epoch": [m.get("best_epoch") for m in metas],
