@@ -6,6 +6,7 @@ All stages talk only through these paths, so a run folder is self-describing:
     <run_dir>/prepared/sequences/        sequences contract (Parquet dataset)
     <run_dir>/rationales/teacher/        rationales contract, role=teacher
     <run_dir>/rationales/student/        rationales contract, role=student
+    <run_dir>/rationales/<role>-full/    the evaluation-time set from the whole training prefix
     <run_dir>/distill/                   Ray Train storage, adapter/, merged/, eval
     <run_dir>/embeddings/items/          embeddings contract, kind=item
     <run_dir>/embeddings/teacher/        embeddings contract, kind=user (teacher rationales)
@@ -23,6 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slim_ray import storage
+
+#: Folder suffix of a role's second, evaluation-time rationale set (generation
+#: ``eval_rationale=full_prefix``): ``rationales/student-full/``, ``embeddings/student-full/``.
+FULL_PREFIX_SUFFIX = "-full"
+
+
+def full_prefix_set(role: str) -> str:
+    """``"student"`` -> ``"student-full"``: the folder name of that role's evaluation-time set."""
+    return role + FULL_PREFIX_SUFFIX
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from slim_ray.config import PipelineConfig, dump_config
 from slim_ray.errors import StageFailed
+from slim_ray.layout import FULL_PREFIX_SUFFIX
 from slim_ray.lineage import is_fresh, read_manifest, stage_fingerprint, write_manifest
 from slim_ray.stagelog import stage_console
 
@@ -89,7 +90,7 @@ STAGES: dict[str, Stage] = {
                 "teacher_rationales": c.layout.rationales("teacher"),
                 "student_rationales": c.layout.rationales("student"),
                 # the evaluation-time sets (rationales/<role>-full/), when encode.roles names them
-                **{f"{r}_rationales": c.layout.rationales(r) for r in c.encode.roles if r not in ("teacher", "student")},
+                **{f"{r}_rationales": c.layout.rationales(r) for r in c.encode.roles if r.endswith(FULL_PREFIX_SUFFIX)},
             },
             lambda c: c.layout.embeddings,
             "sentence-transformer embeddings of item texts and user rationales",

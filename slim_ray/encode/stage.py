@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 
 from slim_ray import storage
 from slim_ray.errors import unwrapped
+from slim_ray.layout import FULL_PREFIX_SUFFIX
 from slim_ray.data.schemas import ITEMS_SCHEMA, RATIONALES_SCHEMA, check_columns
 from slim_ray.encode import store
 from slim_ray.encode.encoder import EncoderActor, EncoderSpec
@@ -270,7 +271,7 @@ def _gather_inputs(cfg, spec: EncoderSpec, summary: dict) -> tuple[Any, list[tup
     layout, ecfg = cfg.layout, cfg.encode
     jobs = [("items", layout.items, layout.item_embeddings, "item", "text")]
     for role in ecfg.roles:
-        parts_of_role = ["text"] if role.endswith("-full") else ecfg.rationale_parts  # no step ablation at eval
+        parts_of_role = ["text"] if role.endswith(FULL_PREFIX_SUFFIX) else ecfg.rationale_parts  # no step ablation at eval
         for part in parts_of_role:
             name = role if part == "text" else f"{role}-{part}"
             jobs.append((name, layout.rationales(role), layout.user_embeddings(name), "user", part))

@@ -42,6 +42,7 @@ from slim_ray.generate.store import (
     OUTPUT_SCHEMA, compact, done_pairs, drop_unreadable_parts, folder_totals, pair_hash, remove_temp_files,
     write_part,
 )
+from slim_ray.layout import full_prefix_set
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,6 @@ def run_reason(cfg) -> dict[str, Any]:
     return run_generations(cfg, cfg.student, "student")
 
 
-#: Folder suffix of the second, evaluation-time rationale set (``eval_rationale=full_prefix``).
-FULL_PREFIX_SUFFIX = "-full"
-
-
 def run_generations(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     """The role's rationales and, with ``eval_rationale=full_prefix``, a second pass over the same
     users from the whole training prefix into ``rationales/<role>-full/``. Each pass resumes on its
@@ -77,7 +74,7 @@ def run_generations(cfg, gen: GenerateConfig, role: str) -> dict[str, Any]:
     summary = run_generation(cfg, gen, role)
     if gen.eval_rationale == "full_prefix":
         full = run_generation(cfg, gen.model_copy(update={"rationale_cut": "full_prefix"}), role,
-                              out_name=role + FULL_PREFIX_SUFFIX)
+                              out_name=full_prefix_set(role))
         summary["full_prefix"] = full
         summary["failed_rows"] = int(summary.get("failed_rows") or 0) + int(full.get("failed_rows") or 0)
     return summary

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from slim_ray.configbase import StageConfig
+from slim_ray.layout import full_prefix_set
 
 BACKBONES = ("sasrec", "gru4rec", "srgnn")
 # Spelling of the variants: "<mode>" or "<mode>:<rationale role>".
@@ -80,8 +81,8 @@ FULL_PREFIX_VARIANT = "+full"
 
 
 def full_prefix_role(role: str) -> str:
-    """``"student"`` -> ``"student-full"``: the rationales/embeddings folder of that second set."""
-    return f"{base_role(role)}-full"
+    """``"student-step1"`` or ``"student"`` -> ``"student-full"``: the folder of that role's second set."""
+    return full_prefix_set(base_role(role))
 
 
 # --------------------------------------------------------------------------- backbone hyper-parameters

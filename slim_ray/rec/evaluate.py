@@ -310,19 +310,18 @@ def _full_prefix_records(records, lay) -> tuple[list[dict[str, Any]], dict[str, 
     training prefix (``embeddings/<role>-full/``): variant ``<variant>+full``, run tag ``<tag>+full``.
     Per-step runs (``<role>-step<k>``) have no such set and are left out. A role without the set is
     skipped and returned as {role: missing folder} (metrics.json names it); none at all is an error."""
-    out, missing, roles = [], {}, set()
+    out, found, missing = [], {}, {}  # role -> its set's folder, listed once per role
     for r in records:
         role, proto = r["meta"].get("role"), r["meta"].get("rationale_protocol")
         if not role or proto != "consistent" or role != base_role(role):
             continue
-        roles.add(role)
-        path = storage.normalize(lay.user_embeddings(full_prefix_role(role)))
-        if role in missing or not storage.list_files(path, suffix=".parquet", recursive=True):
-            missing[role] = path
-            continue
-        out.append({**r, "tag": r["tag"] + FULL_PREFIX_VARIANT, "variant": r["variant"] + FULL_PREFIX_VARIANT,
-                    "user_embeddings": path})
-    if roles and not out:
+        if role not in found and role not in missing:
+            path = storage.normalize(lay.user_embeddings(full_prefix_role(role)))
+            (found if storage.list_files(path, suffix=".parquet", recursive=True) else missing)[role] = path
+        if role in found:
+            out.append({**r, "tag": r["tag"] + FULL_PREFIX_VARIANT, "variant": r["variant"] + FULL_PREFIX_VARIANT,
+                        "user_embeddings": found[role]})
+    if missing and not found:
         role = sorted(missing)[0]
         raise FileNotFoundError(
             f"{missing[role]}: no rationale vectors, needed by evaluate.rationales=full_prefix "
