@@ -87,3 +87,30 @@ def synthetic_run(root: str, n_users: int = 120, n_items: int = 40, text_dim: in
     for role in roles:
         write_vectors(lay.user_embeddings(role), np.arange(1, k + 1), rng.normal(size=(k, text_dim)), "user")
         write_rationales(lay.rationales(role), np.arange(1, k + 1), tail_cuts(seqs[:k]), role)
+
+
+def publish_untrained_run(root: str, backbone: str, mode: str, role: Optional[str], seed: int,
+                          overrides: list[str], torch_seed: int, n_items: int, init=None) -> str:
+    """An untrained (seeded) model published as a finished run folder, ``rec/<bb>-<mode>[-<role>]-s<seed>``:
+    what evaluation reads. ``overrides``: ``--set`` lines of the run's config; ``init(model)`` may
+    change the weights before they are written. Returns the run folder."""
+    import torch
+
+    from slim_ray.config import load_config
+    from slim_ray.rec.checkpoint import write_run
+    from slim_ray.rec.train import build_model, load_data, run_spec
+
+    variant = f"{mode}:{role}" if role else mode
+    cfg = load_config(None, [f"run_dir={root}", f"rec.backbone={backbone}", f"rec.mode={variant}", *overrides])
+    spec = run_spec(cfg, backbone, mode, role, seed)
+    torch.manual_seed(torch_seed)
+    model, fallback = build_model(spec, load_data(spec))
+    if init is not None:
+        init(model)
+    meta = {**{k: spec[k] for k in ("backbone", "mode", "role", "variant", "seed", "hp", "fingerprint",
+                                    "missing_rationale", "max_users")},
+            "rationale_protocol": spec.get("rationale_protocol"), "best_epoch": 1, "epoch_seconds": [0.5],
+            "wall_seconds": 1.0, "fallback_users": len(fallback), "n_items": n_items}
+    run_dir = cfg.layout.rec_run(backbone, mode, seed, role)
+    write_run(run_dir, model.state_dict(), meta)
+    return run_dir

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rec_testdata import synthetic_run, write_vectors
+from rec_testdata import publish_untrained_run, synthetic_run, write_vectors
 from slim_ray import storage
 from slim_ray.config import load_config
 from slim_ray.layout import RunLayout
@@ -19,24 +19,12 @@ U, N_ITEMS, DIM, NEG, KS = 60, 40, 8, 15, [5, 10]
 
 
 def _publish(root: str, bb: str, mode: str, role, seed: int) -> str:
-    """An untrained (seeded) model published as a finished consistent-protocol run folder."""
-    from slim_ray.rec.train import build_model, load_data, run_spec
-
-    variant = f"{mode}:{role}" if role else mode
-    cfg = load_config(None, [f"run_dir={root}", f"rec.backbone={bb}", f"rec.mode={variant}", f"rec.hidden={DIM}",
-                             "rec.max_len=8", "rec.rationale_protocol=consistent"])
-    spec = run_spec(cfg, bb, mode, role, seed)
-    torch.manual_seed(seed + 7)
-    model, fallback = build_model(spec, load_data(spec))
-    if role:  # a learned no-rationale vector that is not zero, so fallback users differ from zeros
-        model.no_rationale.data.normal_()
-    meta = {**{k: spec[k] for k in ("backbone", "mode", "role", "variant", "seed", "hp", "fingerprint",
-                                    "missing_rationale", "max_users")},
-            "rationale_protocol": "consistent", "best_epoch": 1, "epoch_seconds": [0.5], "wall_seconds": 1.0,
-            "fallback_users": len(fallback), "n_items": N_ITEMS, "max_user_id": U}
-    run_dir = cfg.layout.rec_run(bb, mode, seed, role)
-    write_run(run_dir, model.state_dict(), meta)
-    return run_dir
+    """An untrained (seeded) model published as a finished consistent-protocol run folder; its
+    learned no-rationale vector is not zero, so fallback users differ from zeros."""
+    init = (lambda model: model.no_rationale.data.normal_()) if role else None
+    return publish_untrained_run(root, bb, mode, role, seed,
+                                 [f"rec.hidden={DIM}", "rec.max_len=8", "rec.rationale_protocol=consistent"],
+                                 torch_seed=seed + 7, n_items=N_ITEMS, init=init)
 
 
 @pytest.fixture(scope="module")

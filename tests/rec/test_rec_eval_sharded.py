@@ -6,15 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-import torch
 from scipy import stats
 
-from rec_testdata import cyclic_sequences, synthetic_run
+from rec_testdata import cyclic_sequences, publish_untrained_run, synthetic_run
 from slim_ray import storage
 from slim_ray.config import load_config
 from slim_ray.data.schemas import SEQUENCES_SCHEMA
 from slim_ray.rec import data as rd
-from slim_ray.rec.checkpoint import write_run
 from slim_ray.rec.evaluate import (
     draw_user_negatives, evaluate_all, evaluate_run, plan_shards, read_candidates,
 )
@@ -51,21 +49,11 @@ def _write_parts(root: str) -> None:
 
 def _finished_runs(root: str) -> None:
     """Untrained (seeded) models published as finished run folders: what evaluation reads."""
-    from slim_ray.rec.train import build_model, load_data, run_spec
-
     for bb, mode, role, seed, mu in RUNS:
-        variant = f"{mode}:{role}" if role else mode
-        cfg = load_config(None, [f"run_dir={root}", f"rec.backbone={bb}", f"rec.mode={variant}", "rec.hidden=16",
-                                 "rec.max_len=8", "rec.missing_rationale=learned", "rec.rationale_protocol=leaky"]
-                          + ([f"rec.max_users={mu}"] if mu else []))
-        spec = run_spec(cfg, bb, mode, role, seed)
-        torch.manual_seed(seed + 10 * len(mode))
-        model, fallback = build_model(spec, load_data(spec))
-        meta = {**{k: spec[k] for k in ("backbone", "mode", "role", "variant", "seed", "hp", "fingerprint",
-                                        "missing_rationale", "max_users")},
-                "best_epoch": 1, "epoch_seconds": [0.5], "wall_seconds": 1.0, "fallback_users": len(fallback),
-                "n_items": N_ITEMS}
-        write_run(cfg.layout.rec_run(bb, mode, seed, role), model.state_dict(), meta)
+        publish_untrained_run(root, bb, mode, role, seed,
+                              ["rec.hidden=16", "rec.max_len=8", "rec.missing_rationale=learned",
+                               "rec.rationale_protocol=leaky"] + ([f"rec.max_users={mu}"] if mu else []),
+                              torch_seed=seed + 10 * len(mode), n_items=N_ITEMS)
 
 
 @pytest.fixture(scope="module")
