@@ -110,6 +110,10 @@ OPTIONAL_PARAMS = {
     "lr_plateau_factor": "a constant learning rate (set: multiply it by this after lr_plateau_patience "
                          "validations without a better valid NDCG@10)",
     "lr_plateau_patience": "2 (with lr_plateau_factor)",
+    "window_jitter": "windows end at the same places every epoch (set true: each epoch shifts every user's window "
+                     "ends by a new random amount below window_stride, so a target is read in another context)",
+    "ema_decay": "validation and the published model use the trained weights themselves (set: an exponential "
+                 "moving average of the weights, this decay per step after a warm-up)",
 }
 TRAIN_ON = ("all_positions", "prefixes")
 
@@ -149,6 +153,8 @@ class BackboneParams(BaseModel):
     window_stride: Optional[Count] = None  # at least max_len: windows that do not overlap
     lr_plateau_factor: Optional[Annotated[Real, Field(gt=0.0, lt=1.0)]] = None
     lr_plateau_patience: Optional[Count] = None
+    ema_decay: Optional[Annotated[Real, Field(gt=0.0, lt=1.0)]] = None
+    window_jitter: Optional[bool] = None
 
 
 class SASRecParams(BackboneParams):

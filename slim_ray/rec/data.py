@@ -143,27 +143,35 @@ def _examples(seqs, tgts, pos, users, max_len: int, cuts: Optional[np.ndarray], 
 
 
 def window_examples(data: RecData, max_len: int, cuts: Optional[np.ndarray] = None,
-                    protocol: str = "consistent", stride: Optional[int] = None) -> Examples:
+                    protocol: str = "consistent", stride: Optional[int] = None,
+                    shifts: Optional[np.ndarray] = None) -> Examples:
     """All-position training: each training prefix is cut into windows of ``max_len`` (from the
-    end); every position predicts the next item. Fixed for the whole run. With ``cuts`` (the
-    rationale prefix_len of each user id), ``rationale_mask`` follows ``protocol``.
+    end); every position predicts the next item. With ``cuts`` (the rationale prefix_len of each
+    user id), ``rationale_mask`` follows ``protocol``.
 
     ``stride`` < ``max_len`` overlaps the windows: window k ends ``k * stride`` items before the end
     and keeps targets only on its last ``stride`` positions (the window reaching the start keeps them
     all), so every target is predicted once, from at least ``max_len - stride`` earlier items when
     the history has them. Without overlap the first positions of each window start from nothing,
     although the model reads up to ``max_len`` items at test time. None, or a stride of ``max_len``
-    or more: windows that do not overlap."""
+    or more: windows that do not overlap.
+
+    ``shifts`` (one per user, each in ``[0, stride)``) move every window end but the last one that
+    many items earlier: a new draw each epoch predicts each target from another context, still
+    once per epoch and from at least ``max_len - stride`` earlier items."""
     step = max_len if stride is None else min(int(stride), max_len)
     if step < 1:
         raise ValueError(f"window stride {stride} must be at least 1")
     seqs, tgts, pos, users = [], [], [], []
-    for u, s in zip(data.user_ids, data.seqs):
+    for row, (u, s) in enumerate(zip(data.user_ids, data.seqs)):
         train = splits.training_prefix(s)
         x, y = train[:-1], train[1:]
-        for end in range(len(x), 0, -step):
+        shift = 0 if shifts is None else int(shifts[row]) % step
+        ends = ([len(x)] if shift else []) + list(range(len(x) - shift, 0, -step))
+        for k, end in enumerate(ends):
             start = max(0, end - max_len)
-            first = start if start == 0 else end - step  # targets before it belong to a later window
+            # targets up to the next window's end belong to that window
+            first = start if start == 0 or k + 1 == len(ends) else max(start, ends[k + 1])
             seqs.append(x[start:end])
             t = np.array(y[start:end], dtype=np.int64)
             t[:first - start] = 0  # 0 = no target at that position

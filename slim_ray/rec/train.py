@@ -173,6 +173,50 @@ def plateau_lr(hp: dict[str, Any], lr: float, improved: bool, bad: int) -> float
     return lr * float(factor)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's trainable weights (``rec.params.ema_decay``).
+
+    Validation scores the average and the best average is what gets published: with small batches
+    the weights of any one step are noisy, and early stopping on them can keep a lucky peak. The
+    decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so a short run's
+    average is not stuck near its first steps. Only parameters are averaged: torch's
+    ``AveragedModel`` would also copy every buffer (the frozen item text table) at every step and
+    keep a second copy of it. Every worker holds the same weights after each DDP step, so every
+    worker's average is the same. A resumed run restarts the average from the checkpoint's
+    (averaged) weights."""
+
+    def __init__(self, core, decay: float):
+        self.decay, self.updates = float(decay), 0
+        self.params = [p for p in core.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+
+    def update(self) -> None:
+        """After an optimizer step: move the average towards the weights."""
+        import torch
+
+        weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for a, p in zip(self.average, self.params):
+                a.lerp_(p, weight)
+        self.updates += 1
+
+    def swap(self) -> None:
+        """Exchange the model's weights with the average (call again to swap back)."""
+        import torch
+
+        with torch.no_grad():
+            for a, p in zip(self.average, self.params):
+                tmp = p.detach().clone()
+                p.copy_(a)
+                a.copy_(tmp)
+
+
+def weight_average(core, hp: dict[str, Any]) -> Optional[WeightAverage]:
+    """The run's ``WeightAverage`` when ``rec.params.ema_decay`` is set, else None."""
+    decay = hp.get("ema_decay")
+    return None if decay is None else WeightAverage(core, decay)
+
+
 def _weights(state: dict) -> dict:
     """A state dict without the frozen text buffers (they are rebuilt from the inputs on resume)."""
     return {k: v for k, v in state.items() if k not in BUFFERS}
@@ -240,11 +284,12 @@ class _Run:
         self.valid = rd.eval_split(self.data, "valid", self.max_len)
         self.fixed = (rd.window_examples(self.data, self.max_len, self.cuts, spec.get("rationale_protocol", "leaky"),
                                          self.hp.get("window_stride"))
-                      if self.hp["train_on"] == "all_positions" else None)
+                      if self.hp["train_on"] == "all_positions" and not self.hp.get("window_jitter") else None)
         self.start_epoch, self.best, self.best_epoch, self.bad = 0, -1.0, -1, 0
         self.history: list[dict] = []
         self.epoch_secs: list[float] = []
         self.best_state = None
+        self.ema = weight_average(self.core, self.hp)
 
     def resume(self) -> None:
         """Continue from the worker group's last checkpoint when it belongs to this run."""
@@ -264,12 +309,17 @@ class _Run:
         self.start_epoch, self.best, self.best_epoch = st["epoch"] + 1, st["best"], st["epoch"]
         self.history, self.epoch_secs = st["history"], st["epoch_secs"]
         self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
+        self.ema = weight_average(self.core, self.hp)  # restarts from the checkpoint's weights
 
     def examples(self, epoch: int, rng: np.random.Generator):
         from slim_ray.rec import data as rd
 
         if self.fixed is not None:
             return self.fixed
+        if self.hp["train_on"] == "all_positions":  # window_jitter: new window ends every epoch
+            stride = min(int(self.hp.get("window_stride") or self.max_len), self.max_len)
+            return rd.window_examples(self.data, self.max_len, self.cuts, self.spec.get("rationale_protocol", "leaky"),
+                                      stride, shifts=rng.integers(0, stride, size=len(self.data)))
         return rd.prefix_examples(self.data, self.max_len, self.hp.get("prefixes_per_user"), rng, self.cuts,
                                   self.spec.get("rationale_protocol", "leaky"))
 
@@ -313,6 +363,8 @@ class _Run:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if self.ema is not None:
+                self.ema.update()
             total += float(loss.detach()) * max(1, n_tgt) / world
         return total
 
@@ -322,18 +374,23 @@ class _Run:
         import torch.distributed as dist
 
         self.model.eval()
+        if self.ema is not None:
+            self.ema.swap()  # score (and keep) the averaged weights
         s = torch.tensor(valid_ndcg(self.core, self.valid, self.rank, self.world, self.device, self.user_table),
                          dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(s)
         ndcg, hr = (s / len(self.valid.users)).tolist()
         metrics.update({"valid_ndcg@10": ndcg, "valid_hr@10": hr})
-        if ndcg <= self.best:
+        improved = ndcg > self.best
+        if improved:
+            self.best, self.best_epoch, self.bad = ndcg, metrics["epoch"], 0
+            self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
+        else:
             self.bad += 1
-            return False
-        self.best, self.best_epoch, self.bad = ndcg, metrics["epoch"], 0
-        self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
-        return True
+        if self.ema is not None:
+            self.ema.swap()  # training goes on from the weights themselves
+        return improved
 
     def decay_on_plateau(self, improved: bool) -> None:
         """Apply ``plateau_lr`` to every parameter group after a validation. The optimizer's state,

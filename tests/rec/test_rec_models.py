@@ -43,8 +43,11 @@ def test_overlapping_windows_predict_every_target_once_with_context():
     data = rd.RecData(np.arange(1, len(lengths) + 1),
                       [rng.integers(1, 500, size=n) for n in lengths], 500, len(lengths))
     L = 10
-    for stride in (None, 25, 10, 5, 3, 1):
-        ex = rd.window_examples(data, L, stride=stride)
+    cases = [(stride, None) for stride in (None, 25, 10, 5, 3, 1)]
+    # window_jitter: per-user shifts of the window ends (a new draw every epoch) keep both promises
+    cases += [(stride, rng.integers(0, stride, size=len(lengths))) for stride in (5, 3, 7) for _ in range(3)]
+    for stride, shifts in cases:
+        ex = rd.window_examples(data, L, stride=stride, shifts=shifts)
         for u, seq in zip(data.user_ids, data.seqs):
             rows = np.flatnonzero(ex.users == u)
             n_targets = len(seq) - 3  # training prefix len - 2 items, each after the first one is a target
@@ -68,6 +71,21 @@ def test_overlapping_windows_predict_every_target_once_with_context():
         rd.window_examples(data, L, stride=0)
 
 
+def test_mask_dropout_keeps_nn_dropout_distribution_and_is_identity_in_eval():
+    from slim_ray.rec.models.sasrec import MaskDropout, SASRec
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    drop = MaskDropout(0.5).train()
+    y = drop(x)
+    kept = y > 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.01  # p of the entries dropped
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 2.0))  # the rest scaled by 1 / (1 - p)
+    assert torch.equal(drop.eval()(x), x)
+    sasrec = SASRec(validate_hparams("sasrec", resolve_hparams(load_config(None, []).rec, "sasrec")))
+    assert not [m for m in sasrec.modules() if isinstance(m, torch.nn.Dropout)]  # every hidden dropout
+
+
 def test_plateau_learning_rate_decays_after_patience_validations_without_a_better_one():
     from slim_ray.rec.train import plateau_lr
 
@@ -84,6 +102,29 @@ def test_plateau_learning_rate_decays_after_patience_validations_without_a_bette
     assert plateau_lr(resolve_hparams(load_config(None, []).rec, "sasrec"), 1e-3, False, 4) == 1e-3  # off by default
     with pytest.raises(ConfigError, match="lr_plateau_factor"):
         load_config(None, ["rec.params={lr_plateau_factor: 1.5}"])
+
+
+def test_weight_average_follows_the_steps_with_a_warmed_up_decay_and_is_off_by_default():
+    from slim_ray.rec.train import weight_average
+
+    assert weight_average(torch.nn.Linear(2, 2), resolve_hparams(load_config(None, []).rec, "sasrec")) is None
+    hp = resolve_hparams(load_config(None, ["rec.params.ema_decay=0.9"]).rec, "sasrec")
+    net = torch.nn.Linear(3, 1)
+    ema = weight_average(net, hp)
+    expected = net.weight.detach().clone()
+    for n in range(120):  # stand-in optimizer steps
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        decay = min(0.9, (1 + n) / (10 + n))  # 0.1, 0.18, ..., 0.9 from n = 80 on
+        expected = decay * expected + (1 - decay) * net.weight.detach()
+        ema.update()
+    weights = net.weight.detach().clone()
+    ema.swap()
+    assert torch.allclose(net.weight, expected) and not torch.allclose(net.weight, weights)  # the average lags
+    ema.swap()
+    assert torch.equal(net.weight, weights)  # swapped back
+    with pytest.raises(ConfigError, match="ema_decay"):
+        load_config(None, ["rec.params.ema_decay=1.0"])
 
 
 def test_variant_spelling_and_hparam_merge_order():
