@@ -17,7 +17,7 @@ What is compared, side by side in one run:
 - the same model settings: RecBole's SASRec defaults (2 blocks, 2 heads, hidden 64, inner 256,
   dropout 0.5, max length 50, CE loss over all items, Adam 1e-3).
 
-Ours is trained in up to five regimes (``--regimes``), each its own run folder under the work dir:
+Ours is trained in up to six regimes (``--regimes``), each its own run folder under the work dir:
 - ``prefixes`` (``ours-prefixes/``): RecBole's own regime -- every training prefix is one example
   whose last position predicts the next item, batch ``--recbole-batch``. Same data, objective and
   batch as RecBole: the closest pair; like RecBole's process it computes with 2 threads (about
@@ -346,7 +346,8 @@ def main(argv=None) -> int:
                     "stopped (recbole-s<seed>.json.partial), instead of training RecBole again")
     ap.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=["prefixes", "windows"],
                     help="how ours trains: prefixes (RecBole's regime and batch) and/or windows (our default: a "
-                    "loss at every position, batch 64; the parity check); -init: RecBole's initialisation")
+                    "loss at every position, batch 16; the parity check), windows-ema (the same with the weight average); "
+                    "-init: RecBole's initialisation")
     ap.add_argument("--regime-seeds", nargs="*", default=[], metavar="REGIME=S,S",
                     help="seeds of one regime, e.g. prefixes=0 (default: --seeds)")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-parity"))

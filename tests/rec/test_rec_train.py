@@ -47,8 +47,10 @@ def test_sweep_learns_the_pattern_and_writes_metrics(ray_session, synth_root):
 
 
 def test_ddp_two_workers_match_one_worker(ray_session, synth_root):
+    """Also with the weight average and window jitter on: both are drawn and updated alike on every worker."""
     common = [f"run_dir={synth_root}", "rec.backbone=gru4rec", "rec.mode=id", "rec.epochs=3", "rec.patience=3",
-              "rec.params={dropout: 0.0}"] + FAST
+              "rec.params={dropout: 0.0, ema_decay: 0.9, window_stride: 3, window_jitter: true}"] + FAST + [
+              "rec.max_len=6"]  # several windows per user, so the jitter moves them
     res = {}
     for w in (1, 2):
         cfg = load_config(None, common + [f"rec.num_workers={w}", f"run_dir={synth_root}/w{w}"])
@@ -59,7 +61,8 @@ def test_ddp_two_workers_match_one_worker(ray_session, synth_root):
         run_train(cfg)
         with open(os.path.join(cfg.layout.rec_run("gru4rec", "id", 0), "meta.json")) as f:
             res[w] = json.load(f)
-    assert res[2]["world_size"] == 2
+    assert res[2]["world_size"] == 2 and res[2]["hp"]["ema_decay"] == 0.9
+    assert len({h["examples"] for h in res[1]["history"]}) > 1  # jitter: other windows every epoch
     for h1, h2 in zip(res[1]["history"], res[2]["history"]):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-3)
         assert h2["valid_ndcg@10"] == pytest.approx(h1["valid_ndcg@10"], abs=1e-3)
