@@ -144,7 +144,7 @@ def _examples(seqs, tgts, pos, users, max_len: int, cuts: Optional[np.ndarray], 
 
 def window_examples(data: RecData, max_len: int, cuts: Optional[np.ndarray] = None,
                     protocol: str = "consistent", stride: Optional[int] = None,
-                    shifts: Optional[np.ndarray] = None) -> Examples:
+                    jitter: Optional[np.random.Generator] = None) -> Examples:
     """All-position training: each training prefix is cut into windows of ``max_len`` (from the
     end); every position predicts the next item. With ``cuts`` (the rationale prefix_len of each
     user id), ``rationale_mask`` follows ``protocol``.
@@ -156,17 +156,17 @@ def window_examples(data: RecData, max_len: int, cuts: Optional[np.ndarray] = No
     although the model reads up to ``max_len`` items at test time. None, or a stride of ``max_len``
     or more: windows that do not overlap.
 
-    ``shifts`` (one per user, each in ``[0, stride)``) move every window end but the last one that
-    many items earlier: a new draw each epoch predicts each target from another context, still
-    once per epoch and from at least ``max_len - stride`` earlier items."""
+    ``jitter`` (a generator) draws one shift per user in ``[0, stride)`` and moves every window end
+    but the last one that many items earlier: a new draw each epoch predicts each target from
+    another context, still once per epoch and from at least ``max_len - stride`` earlier items."""
     step = max_len if stride is None else min(int(stride), max_len)
     if step < 1:
         raise ValueError(f"window stride {stride} must be at least 1")
+    shifts = jitter.integers(0, step, size=len(data)) if jitter is not None else np.zeros(len(data), np.int64)
     seqs, tgts, pos, users = [], [], [], []
-    for row, (u, s) in enumerate(zip(data.user_ids, data.seqs)):
+    for u, s, shift in zip(data.user_ids, data.seqs, shifts.tolist()):
         train = splits.training_prefix(s)
         x, y = train[:-1], train[1:]
-        shift = 0 if shifts is None else int(shifts[row]) % step
         ends = ([len(x)] if shift else []) + list(range(len(x) - shift, 0, -step))
         for k, end in enumerate(ends):
             start = max(0, end - max_len)

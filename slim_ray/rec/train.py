@@ -282,9 +282,8 @@ class _Run:
             self.sampler = negative_sampler(self.hp, self.data)
             self.log_q = self.sampler.log_q.to(self.device)
         self.valid = rd.eval_split(self.data, "valid", self.max_len)
-        self.fixed = (rd.window_examples(self.data, self.max_len, self.cuts, spec.get("rationale_protocol", "leaky"),
-                                         self.hp.get("window_stride"))
-                      if self.hp["train_on"] == "all_positions" and not self.hp.get("window_jitter") else None)
+        self.fixed = (self.windows(None) if self.hp["train_on"] == "all_positions" and not self.hp.get("window_jitter")
+                      else None)
         self.start_epoch, self.best, self.best_epoch, self.bad = 0, -1.0, -1, 0
         self.history: list[dict] = []
         self.epoch_secs: list[float] = []
@@ -311,15 +310,19 @@ class _Run:
         self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
         self.ema = weight_average(self.core, self.hp)  # restarts from the checkpoint's weights
 
+    def windows(self, jitter: Optional[np.random.Generator]):
+        from slim_ray.rec import data as rd
+
+        return rd.window_examples(self.data, self.max_len, self.cuts, self.spec.get("rationale_protocol", "leaky"),
+                                  self.hp.get("window_stride"), jitter=jitter)
+
     def examples(self, epoch: int, rng: np.random.Generator):
         from slim_ray.rec import data as rd
 
         if self.fixed is not None:
             return self.fixed
         if self.hp["train_on"] == "all_positions":  # window_jitter: new window ends every epoch
-            stride = min(int(self.hp.get("window_stride") or self.max_len), self.max_len)
-            return rd.window_examples(self.data, self.max_len, self.cuts, self.spec.get("rationale_protocol", "leaky"),
-                                      stride, shifts=rng.integers(0, stride, size=len(self.data)))
+            return self.windows(rng)
         return rd.prefix_examples(self.data, self.max_len, self.hp.get("prefixes_per_user"), rng, self.cuts,
                                   self.spec.get("rationale_protocol", "leaky"))
 

@@ -45,9 +45,9 @@ def test_overlapping_windows_predict_every_target_once_with_context():
     L = 10
     cases = [(stride, None) for stride in (None, 25, 10, 5, 3, 1)]
     # window_jitter: per-user shifts of the window ends (a new draw every epoch) keep both promises
-    cases += [(stride, rng.integers(0, stride, size=len(lengths))) for stride in (5, 3, 7) for _ in range(3)]
-    for stride, shifts in cases:
-        ex = rd.window_examples(data, L, stride=stride, shifts=shifts)
+    cases += [(stride, np.random.default_rng(k)) for stride in (5, 3, 7) for k in range(3)]
+    for stride, jitter in cases:
+        ex = rd.window_examples(data, L, stride=stride, jitter=jitter)
         for u, seq in zip(data.user_ids, data.seqs):
             rows = np.flatnonzero(ex.users == u)
             n_targets = len(seq) - 3  # training prefix len - 2 items, each after the first one is a target
