@@ -18,7 +18,7 @@ import re
 from typing import Any, Optional
 
 from slim_ray import storage
-from slim_ray.rec.config import FULL_PREFIX_VARIANT
+from slim_ray.rec.config import FULL_PREFIX_VARIANT, split_variant_name
 
 # Paper (WWW 2024), Amazon Games, SASRec backbone, sampled-100, in %.
 PAPER_GAMES_SASREC = {
@@ -51,26 +51,17 @@ def _summary(stage_dir: str) -> dict[str, Any]:
     return m.get("summary", {})
 
 
-def _parts(variant: str) -> tuple[str, str, str, bool]:
-    """``slim:student-step1@leaky`` -> (``slim:student``, ``step1``, ``leaky``, False);
-    ``slim:student+full`` (scored with the full-prefix rationale) -> (``slim:student``, ``""``, ``""``, True)."""
-    full = variant.endswith(FULL_PREFIX_VARIANT)
-    base, _, protocol = variant.removesuffix(FULL_PREFIX_VARIANT).partition("@")
-    base, _, part = base.partition("-")
-    return base, part, protocol, full
-
-
 def _sorted_variants(variants: dict[str, Any]) -> list[str]:
     """The paper's order; a variant's full-prefix reading, per-step and leaky runs right after it."""
     def key(v: str):
-        base, part, protocol, full = _parts(v)
+        base, part, protocol, full = split_variant_name(v)
         return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else 99, base, part, protocol, full)
     return sorted(variants, key=key)
 
 
 def _label(backbone: str, variant: str) -> str:
     b = BACKBONE_LABEL.get(backbone, backbone)
-    base, part, protocol, full = _parts(variant)
+    base, part, protocol, full = split_variant_name(variant)
     label = VARIANT_LABEL.get(base, base).replace("{B}", b)
     if part:
         label += f", Step {part.removeprefix('step')} only"

@@ -80,6 +80,16 @@ def variant_name(mode: str, role: Optional[str], protocol: Optional[str] = None)
 FULL_PREFIX_VARIANT = "+full"
 
 
+def split_variant_name(name: str) -> tuple[str, str, str, bool]:
+    """The inverse of ``variant_name`` (plus the ``+full`` reading), for reports:
+    ``slim:student-step1@leaky`` -> (``slim:student``, ``step1``, ``leaky``, False);
+    ``slim:student+full`` -> (``slim:student``, ``""``, ``""``, True)."""
+    full = name.endswith(FULL_PREFIX_VARIANT)
+    base, _, protocol = name.removesuffix(FULL_PREFIX_VARIANT).partition("@")
+    base, _, part = base.partition("-")
+    return base, part, protocol, full
+
+
 def full_prefix_role(role: str) -> str:
     """``"student-step1"`` or ``"student"`` -> ``"student-full"``: the folder of that role's second set."""
     return full_prefix_set(base_role(role))
