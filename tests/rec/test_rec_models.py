@@ -104,10 +104,16 @@ def test_plateau_learning_rate_decays_after_patience_validations_without_a_bette
         load_config(None, ["rec.params={lr_plateau_factor: 1.5}"])
 
 
-def test_weight_average_follows_the_steps_with_a_warmed_up_decay_and_is_off_by_default():
+def test_weight_average_follows_the_steps_with_a_warmed_up_decay_and_is_on_for_sasrec_only():
     from slim_ray.rec.train import weight_average
 
-    assert weight_average(torch.nn.Linear(2, 2), resolve_hparams(load_config(None, []).rec, "sasrec")) is None
+    sasrec = resolve_hparams(load_config(None, []).rec, "sasrec")
+    assert sasrec["ema_decay"] == 0.99 and sasrec["window_jitter"] is True  # the parity regime (README)
+    assert weight_average(torch.nn.Linear(2, 2), sasrec).decay == 0.99
+    for backbone in ("gru4rec", "srgnn"):
+        assert weight_average(torch.nn.Linear(2, 2), resolve_hparams(load_config(None, []).rec, backbone)) is None
+    plain = resolve_hparams(load_config(None, ["rec.params={ema_decay: null, window_jitter: false}"]).rec, "sasrec")
+    assert weight_average(torch.nn.Linear(2, 2), plain) is None and plain["window_jitter"] is False
     hp = resolve_hparams(load_config(None, ["rec.params.ema_decay=0.9"]).rec, "sasrec")
     net = torch.nn.Linear(3, 1)
     ema = weight_average(net, hp)
