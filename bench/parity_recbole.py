@@ -269,7 +269,7 @@ _TILED = "window_stride: 50, window_jitter: false, ema_decay: null"  # the defau
 _PLAIN = "window_jitter: false, ema_decay: null"
 REGIMES = {  # our training regime -> (run folder, rec overrides); see the module docstring
     "prefixes": ("ours-prefixes", [f"rec.params={{{_SASREC}, {_PREFIXES}}}", "rec.cpus_per_worker=2"]),
-    # our default (slim_ray/rec/defaults/sasrec.yaml): overlapping windows, batch 16
+    # our default (slim_ray/rec/defaults/sasrec.yaml): overlapping windows that move each epoch, weight average
     "windows": ("ours", [f"rec.params={{{_SASREC}}}", "rec.cpus_per_worker=2"]),
     "windows-tiled": ("ours-tiled", [f"rec.params={{{_SASREC}, {_TILED}}}", "rec.batch_size=64",
                                      "rec.cpus_per_worker=1"]),
