@@ -26,12 +26,14 @@ Ours is trained in up to six regimes (``--regimes``), each its own run folder un
   max length with a loss at every position (the original SASRec objective) that overlap by
   ``max_len - window_stride`` items, so every target is predicted from at least 25 earlier items;
   each epoch shifts every user's window ends anew (``window_jitter``), and validation scores, and
-  the run keeps, a moving average of the weights (``ema_decay: 0.99``); batch 16, 2 threads like
+  the run keeps, a moving average of the weights (``ema_decay: 0.99``); the learning rate halves
+  after every 2 validations in a row without a better one (``lr_plateau_factor: 0.5``); batch 16, 2 threads like
   RecBole's process. It sees the same next-item targets per epoch at a
   small fraction of the transformer work. Parity above RecBole is checked on this, what users run:
   test NDCG@10 at least RecBole's, in at most a tenth of RecBole's time to its best epoch;
-- ``windows-plain`` (``ours-plain/``): the default before ``window_jitter`` and ``ema_decay``: the
-  same windows every epoch, and validation scores the weights themselves;
+- ``windows-plain`` (``ours-plain/``): the default before ``window_jitter``, ``ema_decay`` and
+  ``lr_plateau_factor``: the same windows every epoch, validation scores the weights themselves,
+  and the learning rate stays constant;
 - ``windows-tiled`` (``ours-tiled/``): the default before it -- windows that do not overlap, batch
   64, 1 thread;
 - ``prefixes-init`` / ``windows-init``: the same with RecBole's weight initialisation (every linear
@@ -265,8 +267,8 @@ def recbole_worker(data_dir: str, name: str, seed: int, epochs: int, patience: i
 _SASREC = "dropout: 0.5, num_layers: 2, num_heads: 2, inner: 256"
 _PREFIXES = "train_on: prefixes, prefixes_per_user: null"
 _INIT = "linear_init_std: 0.02"  # RecBole's initializer_range for every linear/attention weight
-_TILED = "window_stride: 50, window_jitter: false, ema_decay: null"  # the default before window_stride
-_PLAIN = "window_jitter: false, ema_decay: null"
+_TILED = "window_stride: 50, window_jitter: false, ema_decay: null, lr_plateau_factor: null"  # the default before window_stride
+_PLAIN = "window_jitter: false, ema_decay: null, lr_plateau_factor: null"
 REGIMES = {  # our training regime -> (run folder, rec overrides); see the module docstring
     "prefixes": ("ours-prefixes", [f"rec.params={{{_SASREC}, {_PREFIXES}}}", "rec.cpus_per_worker=2"]),
     # our default (slim_ray/rec/defaults/sasrec.yaml): overlapping windows that move each epoch, weight average
@@ -349,8 +351,8 @@ def main(argv=None) -> int:
                     "stopped (recbole-s<seed>.json.partial), instead of training RecBole again")
     ap.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=["prefixes", "windows"],
                     help="how ours trains: prefixes (RecBole's regime and batch) and/or windows (our default: a "
-                    "loss at every position, batch 16; the parity check), windows-plain (the default before window_jitter "
-                    "and ema_decay); "
+                    "loss at every position, batch 16; the parity check), windows-plain (the default before window_jitter, "
+                    "ema_decay and lr_plateau_factor); "
                     "-init: RecBole's initialisation")
     ap.add_argument("--regime-seeds", nargs="*", default=[], metavar="REGIME=S,S",
                     help="seeds of one regime, e.g. prefixes=0 (default: --seeds)")

@@ -76,14 +76,47 @@ def test_mask_dropout_keeps_nn_dropout_distribution_and_is_identity_in_eval():
 
     torch.manual_seed(0)
     x = torch.ones(200_000)
-    drop = MaskDropout(0.5).train()
-    y = drop(x)
-    kept = y > 0
-    assert abs(kept.float().mean().item() - 0.5) < 0.01  # p of the entries dropped
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 2.0))  # the rest scaled by 1 / (1 - p)
-    assert torch.equal(drop.eval()(x), x)
+    for p, drop_share in ((0.5, 0.5), (0.3, 77 / 256)):  # p rounded to a multiple of 1/256
+        drop = MaskDropout(p).train()
+        y = drop(x)
+        kept = y > 0
+        assert abs(kept.float().mean().item() - (1 - drop_share)) < 0.005, p
+        assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - drop_share)))  # expectation kept
+        assert abs(y.mean().item() - 1.0) < 0.01
+        assert torch.equal(drop.eval()(x), x)
+    torch.manual_seed(3)
+    first = MaskDropout(0.5).train()(x)
+    torch.manual_seed(3)
+    assert torch.equal(MaskDropout(0.5).train()(x), first)  # torch's seed makes the mask reproducible
+    assert not torch.equal(MaskDropout(0.5).train()(x), first)
     sasrec = SASRec(validate_hparams("sasrec", resolve_hparams(load_config(None, []).rec, "sasrec")))
-    assert not [m for m in sasrec.modules() if isinstance(m, torch.nn.Dropout)]  # every hidden dropout
+    # every dropout, attention weights included, is a byte mask
+    assert not [m for m in sasrec.modules() if isinstance(m, torch.nn.Dropout)]
+    assert all(isinstance(b.self_attn.weight_drop, MaskDropout) for b in sasrec.blocks.layers)
+
+
+def test_causal_self_attention_matches_torch_multihead_attention_without_dropout():
+    from slim_ray.rec.models.sasrec import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(64, 2, 0.0).train()
+    x = torch.randn(4, 7, 64, requires_grad=True)
+    causal = torch.triu(torch.full((7, 7), float("-inf")), diagonal=1)
+    ours = attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+    theirs = torch.nn.MultiheadAttention.forward(attn, x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), attn.in_proj_weight)[0]
+    g_theirs = torch.autograd.grad(theirs.square().sum(), attn.in_proj_weight)[0]
+    assert torch.allclose(g_ours, g_theirs, atol=1e-4)
+    # with dropout, training drops whole attention weights (the output changes) and eval does not
+    attn = CausalSelfAttention(64, 2, 0.5)
+    attn.eval()
+    plain = attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+    attn.train()
+    dropped = attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert not torch.allclose(plain, dropped, atol=1e-3)
+    assert sorted(dict(attn.named_parameters())) == ["in_proj_bias", "in_proj_weight", "out_proj.bias",
+                                                     "out_proj.weight"]  # nn.MultiheadAttention's keys
 
 
 def test_plateau_learning_rate_decays_after_patience_validations_without_a_better_one():
@@ -99,7 +132,12 @@ def test_plateau_learning_rate_decays_after_patience_validations_without_a_bette
         lr = plateau_lr(hp, lr, improved, bad)
         seen.append(lr)
     assert seen == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4, 2.5e-4]
-    assert plateau_lr(resolve_hparams(load_config(None, []).rec, "sasrec"), 1e-3, False, 4) == 1e-3  # off by default
+    sasrec = resolve_hparams(load_config(None, []).rec, "sasrec")  # SASRec's default: halve after 2
+    assert [plateau_lr(sasrec, 1e-3, False, bad) for bad in (1, 2, 3, 4)] == [1e-3, 5e-4, 1e-3, 5e-4]
+    for backbone in ("gru4rec", "srgnn"):  # off for the others
+        assert plateau_lr(resolve_hparams(load_config(None, []).rec, backbone), 1e-3, False, 4) == 1e-3
+    off = resolve_hparams(load_config(None, ["rec.params={lr_plateau_factor: null}"]).rec, "sasrec")
+    assert plateau_lr(off, 1e-3, False, 4) == 1e-3
     with pytest.raises(ConfigError, match="lr_plateau_factor"):
         load_config(None, ["rec.params={lr_plateau_factor: 1.5}"])
 

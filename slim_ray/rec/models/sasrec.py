@@ -2,30 +2,72 @@
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slim_ray.rec.config import SASRecParams
 
 
-class MaskDropout(nn.Module):
-    """Dropout with ``nn.Dropout``'s distribution and scaling, its keep-mask drawn by ``rand_like``.
+def keep_mask(shape: torch.Size, drop_bytes: int, device: torch.device) -> torch.Tensor:
+    """A bool mask of ``shape``: each entry False with probability ``drop_bytes / 256``.
 
-    On CPU ``nn.Dropout`` draws its mask with ``bernoulli_`` and scales through a dtype round trip:
-    at batch 16 that was 43 % of a SASRec training step (torch profiler, 2 threads); this mask takes
-    the step from 43 to 35 ms. Identity in eval mode, like ``nn.Dropout``."""
+    One random byte per entry, eight bytes per draw of the generator (``random_`` over the whole
+    int64 range), from torch's own generator, so ``torch.manual_seed`` makes it reproducible. On
+    CPU this is about 6x cheaper than ``rand_like`` and 30x cheaper than ``bernoulli_`` (one float
+    draw per entry), which took a fifth of a SASRec training step at batch 16 on 2 cores."""
+    n = math.prod(shape)
+    draws = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-2**63, None)
+    return draws.view(torch.uint8)[:n].view(shape) >= drop_bytes
+
+
+class MaskDropout(nn.Module):
+    """Dropout from a byte mask (``keep_mask``): ``p`` is rounded to a multiple of 1/256 (at most
+    255/256), kept entries are scaled by 1 / (1 - that rounded p), so the expectation is exact.
+    SASRec's 0.5 is exact. Identity in eval mode, like ``nn.Dropout``."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = float(p)
+        self.drop_bytes = min(255, round(self.p * 256))
+        self.scale = 256.0 / (256 - self.drop_bytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or self.drop_bytes == 0:
             return x
-        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
+        return x * (keep_mask(x.shape, self.drop_bytes, x.device) * self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class CausalSelfAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (same weights, state-dict keys and initialisation) whose training
+    forward drops attention weights with ``MaskDropout`` instead of torch's ``bernoulli_`` mask.
+
+    Self-attention only (query = key = value), batch first, an additive float ``attn_mask`` and no
+    key padding mask: what ``SASRec`` passes. Anything else, and every eval-mode call (torch's
+    fused encoder fast path), is torch's own forward."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__(d, heads, dropout=dropout, batch_first=True)
+        self.weight_drop = MaskDropout(dropout)
+
+    def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False):
+        if (not self.training or need_weights or key_padding_mask is not None or attn_mask is None
+                or not (query is key is value)):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        b, length, d = query.shape
+        h = self.num_heads
+        q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).view(b, length, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * (1.0 / math.sqrt(d // h)) + attn_mask, -1)
+        out = (self.weight_drop(weights) @ v).transpose(1, 2).reshape(b, length, d)
+        return self.out_proj(out), None
 
 
 class SASRec(nn.Module):
@@ -42,7 +84,8 @@ class SASRec(nn.Module):
             activation="gelu", batch_first=True, norm_first=False, layer_norm_eps=1e-12,
         )
         self.blocks = nn.TransformerEncoder(layer, p.num_layers, enable_nested_tensor=False)
-        for block in self.blocks.layers:  # the hidden dropouts (attention dropout stays torch's own)
+        for block in self.blocks.layers:  # every dropout of the block draws a byte mask
+            block.self_attn = CausalSelfAttention(d, p.num_heads, p.dropout)
             block.dropout, block.dropout1, block.dropout2 = (MaskDropout(p.dropout) for _ in range(3))
 
     def forward(self, emb: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
