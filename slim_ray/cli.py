@@ -9,7 +9,8 @@
     slim-ray run --config configs/paper.yaml --dry-run    the plan, checked, without loading models
     slim-ray bench scale --users 10000,100000,1000000     every stage measured at each size (docs/scale.md)
 
-Before anything imports Ray, a local run pins Ray's listeners to loopback (``runtime.pin_loopback``):
+Before anything imports Ray, a local run, or one joining a cluster on 127.0.0.1, pins Ray to loopback
+(``runtime.pin_loopback``):
 Ray reads that setting once, at import. A failing stage ends with one line on stderr (stage, cause,
 log file) and exit status 1; ``--debug`` also prints the full trace.
 """
@@ -27,7 +28,7 @@ from typing import Optional
 
 from slim_ray.config import ConfigError, PipelineConfig, load_config
 from slim_ray.errors import StageFailed
-from slim_ray.runtime import is_local, pin_loopback
+from slim_ray.runtime import is_local, joins_loopback, pin_loopback
 from slim_ray.scale.harness import STAGES as SCALE_STAGES
 from slim_ray.stages import PIPELINE_ORDER, STAGES, run_stage
 
@@ -176,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from slim_ray.plan import print_plan
 
         return print_plan(cfg)
-    if is_local(cfg.ray):
+    if is_local(cfg.ray) or joins_loopback(cfg.ray):  # a local Ray, or a cluster on 127.0.0.1
         pin_loopback()
     if args.command == "serve-llm":
         return _serve_llm(cfg, args)

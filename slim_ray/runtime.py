@@ -81,6 +81,48 @@ def is_local(cfg: Optional[RayConfig] = None) -> bool:
     return cfg is None or cfg.address in (None, "", "local")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _outward_ip() -> Optional[str]:
+    """The address this machine would reach the network from (what Ray calls the node IP); a
+    UDP socket's connect sends nothing. None without a route."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("8.8.8.8", 80))  # as Ray's node_ip_address_from_perspective; no packet is sent
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _answers(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def joins_loopback(cfg: Optional[RayConfig] = None) -> bool:
+    """True when ``ray.address`` (or ``RAY_ADDRESS`` for ``auto``) names a cluster on this machine's
+    loopback that does not answer on its outward IP (a head started on 127.0.0.1, as by
+    cluster/local_start.sh). Ray replaces a loopback host by the outward IP before it connects
+    unless loopback is pinned, so such a driver would wait for ever. A head that listens on every
+    interface answers there too, and is joined as before."""
+    if is_local(cfg):
+        return False
+    address = cfg.address if cfg.address != "auto" else os.environ.get("RAY_ADDRESS", "")
+    host, _, port = (address or "").split("://", 1)[-1].rpartition(":")
+    if host not in LOOPBACK_HOSTS or not port.isdigit():
+        return False
+    outward = _outward_ip()
+    return outward is None or outward.startswith("127.") or not _answers(outward, int(port))
+
+
 def pin_loopback() -> None:
     """Keep a local Ray on 127.0.0.1. Must run before ``import ray`` in this process."""
     if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
@@ -131,6 +173,11 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
         raise RuntimeError(
             "a local Ray would listen on every interface: call slim_ray.runtime.pin_loopback() (or set "
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) before `import ray` in this process")
+    if joins_loopback(cfg) and not _loopback_pinned_in_ray():
+        raise RuntimeError(
+            f"ray.address {cfg.address!r} is on loopback, but Ray would connect to this machine's outward "
+            "IP instead: call slim_ray.runtime.pin_loopback() (or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) "
+            "before `import ray` in this process")
     env = worker_env(cfg)
     # The driver's environment is inherited by the raylet and its workers of a local cluster;
     # it must be in place before ray.init() starts them.

@@ -60,3 +60,24 @@ def test_local_runtime_listens_only_on_loopback(ray_session, tmp_path):
             assert got["bad"] == [], f"rank {rank}: " + "; ".join(got["bad"])
     seen_bad = watch.bad | set(_non_loopback_listeners(_descendants_and_ray_processes(os.getpid())))
     assert not seen_bad, "non-loopback listeners: " + "; ".join(sorted(seen_bad))
+
+
+def test_a_cluster_on_loopback_is_joined_on_loopback(monkeypatch):
+    """Ray turns a loopback cluster address into the machine's outward IP unless loopback is pinned
+    (a head on 127.0.0.1 never answers there): the CLI pins it for such an address."""
+    import socket
+
+    from slim_ray.runtime import RayConfig, joins_loopback
+
+    with socket.socket() as head:  # a listener on loopback only, like cluster/local_start.sh's head
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"localhost:{port}", f"ray://127.0.0.1:{port}"):
+            assert joins_loopback(RayConfig(address=address)), address
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        assert joins_loopback(RayConfig(address="auto"))
+    for address in (None, "local", "10.0.0.5:6379", "ray://head.example:10001", "127.0.0.1"):
+        assert not joins_loopback(RayConfig(address=address)), address
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert not joins_loopback(RayConfig(address="auto"))

@@ -49,8 +49,11 @@ def slim_ray_exe() -> str:
 
 
 def command_env(extra: Optional[dict] = None) -> dict[str, str]:
-    """A user's shell environment (no test-only Ray settings), offline Hugging Face."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST")) and k != "PYTHONPATH"}
+    """A user's shell environment (no test-only Ray settings), offline Hugging Face. Ray's token
+    settings (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``) are kept: a stage that
+    joins a cluster with token auth (``--address``) needs them."""
+    env = {k: v for k, v in os.environ.items()
+           if (not k.startswith(("RAY_", "PYTEST")) or k.startswith("RAY_AUTH_")) and k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.update(extra or {})
     return env
@@ -401,6 +404,7 @@ def run_bench(sizes: list[int], out: str, stages: list[str], address: Optional[s
     results = json.load(open(results_path)) if os.path.exists(results_path) else {"sizes": {}}
     results["machine"] = machine_stamp()
     results["stand_in"] = {"latency_ms": latency_ms, "words": words, "note": STAND_IN_NOTE}
+    results["address"] = address  # None: each stage started its own local Ray
     stand_in = StandInProcess(out, latency_ms, words)
     try:
         for n in sizes:
