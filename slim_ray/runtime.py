@@ -173,7 +173,7 @@ def init_ray(cfg: Optional[RayConfig] = None, **overrides: Any):
         raise RuntimeError(
             "a local Ray would listen on every interface: call slim_ray.runtime.pin_loopback() (or set "
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) before `import ray` in this process")
-    if joins_loopback(cfg) and not _loopback_pinned_in_ray():
+    if not _loopback_pinned_in_ray() and joins_loopback(cfg):  # pinned: no need to probe the address
         raise RuntimeError(
             f"ray.address {cfg.address!r} is on loopback, but Ray would connect to this machine's outward "
             "IP instead: call slim_ray.runtime.pin_loopback() (or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) "

@@ -24,6 +24,7 @@ import psutil
 import pyarrow.compute as pc
 import pytest
 
+import localcluster
 from conftest import make_bucket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,15 +39,6 @@ OVERRIDES = [
     "student.num_workers=2", "student.max_new_tokens=16", "encode.num_actors=2",
     "rec.num_workers=2", "rec.epochs=1", "rec.backbone=sasrec", "ray.train_placement=SPREAD",
 ]
-
-
-def _read_state(path: str) -> dict[str, str]:
-    out = {}
-    for line in open(path):
-        if "=" in line and not line.startswith(("#", "export")):
-            k, v = line.strip().split("=", 1)
-            out[k] = v.strip('"')
-    return out
 
 
 def _group_alive(pgid: int) -> bool:
@@ -100,18 +92,9 @@ def test_two_node_s3_job_survives_a_killed_driver_and_resubmits_fresh(s3_server,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTHONPATH"))}
     env.update(s3_server, NUM_CPUS="2", WORKER_NODES="1", RAY_BIN=RAY, START_TIMEOUT_S="300")
     t_start = time.time()
-    for _ in range(3):  # Ray gives a node 30 s to start (hard-coded); a loaded 2-core machine can miss it
-        start = subprocess.run([os.path.join(ROOT, "cluster", "local_start.sh"), str(state)], env=env,
-                               capture_output=True, text=True, timeout=420)
-        if start.returncode == 0:
-            break
-        if state.exists():  # the head started but a worker node did not: stop what did start
-            subprocess.run([os.path.join(ROOT, "cluster", "local_stop.sh"), str(state)], capture_output=True,
-                           timeout=180)
-        if not any(w in start.stderr for w in ("timed out during startup", "exited early", "exited; log")):
-            break
+    start = localcluster.start(state, env)
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-3000:]
-    st = _read_state(str(state))
+    st = localcluster.read_state(state)
     head = int(st["RAY_HEAD_PID"])
     workers = [int(p) for p in st["RAY_WORKER_PIDS"].split()]
     assert st["RAY_AUTH_MODE"] == "token" and len(workers) == 1

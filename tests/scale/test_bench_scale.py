@@ -19,6 +19,7 @@ import sys
 import pyarrow.compute as pc
 import pytest
 
+import localcluster
 from slim_ray import storage
 from slim_ray.generate.store import part_files
 
@@ -33,25 +34,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _state(path) -> dict[str, str]:
-    return dict(line.strip().split("=", 1) for line in open(path) if "=" in line and not line.startswith(("#", "export")))
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A one-node Ray head on 127.0.0.1 (cluster/local_start.sh), stopped by its recorded PID."""
     state = tmp_path / "cluster.env"
     env = dict(_env(), NUM_CPUS="2", START_TIMEOUT_S="300", RAY_BIN=os.path.join(os.path.dirname(sys.executable), "ray"))
-    for _ in range(2):  # Ray gives a node 30 s to start (hard-coded); a loaded 2-core machine can miss it
-        start = subprocess.run([os.path.join(ROOT, "cluster", "local_start.sh"), str(state)], env=env,
-                               capture_output=True, text=True, timeout=420)
-        if start.returncode == 0 or "exited early" not in start.stderr:
-            break
+    start = localcluster.start(state, env)
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-3000:]
     try:
-        yield _state(state)
+        yield localcluster.read_state(state)
     finally:
-        subprocess.run([os.path.join(ROOT, "cluster", "local_stop.sh"), str(state)], capture_output=True, timeout=180)
+        localcluster.stop(state)
 
 
 def _rows(folder: str, columns: list[str]):
