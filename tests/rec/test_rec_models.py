@@ -108,6 +108,8 @@ def test_causal_self_attention_matches_torch_multihead_attention_without_dropout
     g_ours = torch.autograd.grad(ours.square().sum(), attn.in_proj_weight)[0]
     g_theirs = torch.autograd.grad(theirs.square().sum(), attn.in_proj_weight)[0]
     assert torch.allclose(g_ours, g_theirs, atol=1e-4)
+    as_bool = torch.triu(torch.ones(7, 7, dtype=torch.bool), diagonal=1)  # True: masked; torch's own path
+    assert torch.allclose(attn(x, x, x, attn_mask=as_bool, need_weights=False)[0], theirs, atol=1e-5)
     # with dropout, training drops whole attention weights (the output changes) and eval does not
     attn = CausalSelfAttention(64, 2, 0.5)
     attn.eval()

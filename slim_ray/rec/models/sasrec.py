@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False):
         if (not self.training or need_weights or key_padding_mask is not None or attn_mask is None
-                or not (query is key is value)):
+                or not attn_mask.is_floating_point() or not (query is key is value)):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         b, length, d = query.shape
