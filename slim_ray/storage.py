@@ -223,6 +223,20 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
 
 
+def write_file(local_path: str, uri: str) -> None:
+    """Write a local file as one whole object, streamed (a large model.pt is never held in memory):
+    temp name + move locally, a direct upload on object stores."""
+    fs, path = resolve(uri)
+    local = pafs.LocalFileSystem()
+    if is_local(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        tmp = _tmp_name(path)
+        pafs.copy_files(local_path, tmp, source_filesystem=local, destination_filesystem=fs)
+        fs.move(tmp, path)
+    else:
+        pafs.copy_files(local_path, path, source_filesystem=local, destination_filesystem=fs)
+
+
 def read_bytes(uri: str) -> bytes:
     """The object's bytes as stored (a ``.gz`` object is not decompressed)."""
     fs, path = resolve(uri)

@@ -346,7 +346,21 @@ class RecConfig(StageConfig):
         None, ge=1, description="torch intra-op threads per worker (None: cpus_per_worker rounded)."
     )
     max_users: Optional[int] = Field(
-        None, ge=1, description="Use only the first N users (smoke runs). None: all."
+        None, ge=1, description="Use only the first N users (smoke runs; rec.ingest=memory). None: all."
+    )
+    ingest: Literal["auto", "memory", "dataset"] = Field(
+        "auto",
+        description="How users reach the Ray Train workers. memory: every worker reads all sequences and "
+        "rationale vectors (one global batch order: 1 and N workers take the same steps). dataset: a Ray "
+        "Dataset of user rows over the run's memory-mapped user state, split across workers "
+        "(ray.train.get_dataset_shard); no worker holds every user. auto: dataset above "
+        "rec.ingest_min_users users. See docs/rec.md, 'Training at scale'.",
+    )
+    ingest_min_users: int = Field(200_000, ge=0, description="rec.ingest=auto: users above which dataset ingest is used.")
+    max_steps: Optional[int] = Field(
+        None, ge=1,
+        description="Stop each run after this many optimizer steps (then validate and publish), e.g. to "
+        "time a fixed amount of training. None: rec.epochs and early stopping decide.",
     )
     force: bool = Field(False, description="Retrain runs even when a finished run with the same settings exists.")
 

@@ -20,18 +20,20 @@ logger = logging.getLogger(__name__)
 def run_train(cfg) -> dict[str, Any]:
     from slim_ray import storage
     from slim_ray.rec.checkpoint import META, read_meta
+    from slim_ray.rec.ingest import resolve_ingest
     from slim_ray.rec.train import fit_sweep, is_done, run_spec
     from slim_ray.runtime import init_ray
 
+    ingest = resolve_ingest(cfg.rec.ingest, cfg.rec.ingest_min_users, cfg.layout.sequences, cfg.rec.max_users)
     specs = []
     for b, m, r, s, p in cfg.rec.runs():  # resolve every spec first: a bad param fails before any training
-        specs.append((run_spec(cfg, b, m, r, s, p), cfg.layout.rec_run(b, m, s, r, p)))
+        specs.append((run_spec(cfg, b, m, r, s, p, ingest), cfg.layout.rec_run(b, m, s, r, p)))
     _check_inputs(specs)
     todo = [(s, d) for s, d in specs if cfg.rec.force or not is_done(d, s["fingerprint"])]
     if cfg.rec.force:
         for _, d in todo:
             storage.delete_file(storage.join(d, META))
-    summary: dict[str, Any] = {"runs": {}, "trained": len(todo), "skipped": len(specs) - len(todo)}
+    summary: dict[str, Any] = {"runs": {}, "trained": len(todo), "skipped": len(specs) - len(todo), "ingest": ingest}
     t0 = time.time()
     if todo:
         init_ray(cfg.ray)
@@ -69,7 +71,8 @@ def _check_inputs(specs) -> None:
             if path and not storage.exists(path):
                 raise FileNotFoundError(f"{path}: missing input of rec run {spec['backbone']}/{spec['variant']} "
                                         f"(run `{fix}` first)")
-        if spec.get("user_embeddings") and spec["missing_rationale"] == "error":
+        # under rec.ingest=dataset the user-state task checks this, without reading users here
+        if spec.get("user_embeddings") and spec["missing_rationale"] == "error" and spec.get("ingest") != "dataset":
             from slim_ray.rec.data import user_text_table
             from slim_ray.rec.train import load_data
 

@@ -44,9 +44,10 @@ from slim_ray.rec.config import RecConfig, base_role, full_softmax_logit_bytes, 
 logger = logging.getLogger(__name__)
 
 def run_spec(cfg, backbone: str, mode: str, role: Optional[str], seed: int,
-             protocol: Optional[str] = None) -> dict[str, Any]:
+             protocol: Optional[str] = None, ingest: str = "memory") -> dict[str, Any]:
     """Everything one run needs, as plain JSON (shipped to the Ray Train workers). ``protocol``:
-    the rationale protocol of a rationale variant (None: the first of ``rec.rationale_protocol``)."""
+    the rationale protocol of a rationale variant (None: the first of ``rec.rationale_protocol``);
+    ``ingest``: ``memory`` or ``dataset`` (``slim_ray.rec.ingest``)."""
     rc: RecConfig = cfg.rec
     lay = cfg.layout
     protocol = (protocol or rc.protocols[0]) if role else None
@@ -62,6 +63,11 @@ def run_spec(cfg, backbone: str, mode: str, role: Optional[str], seed: int,
     if protocol is not None:  # absent for id / id_text runs: their fingerprint does not change
         spec["rationale_protocol"] = protocol
         spec["rationales"] = storage.normalize(lay.rationales(base_role(role))) if protocol == "consistent" else None
+    # absent at their defaults, so the fingerprints of runs trained before them do not change
+    if ingest == "dataset":
+        spec["ingest"] = "dataset"
+    if rc.max_steps is not None:
+        spec["max_steps"] = int(rc.max_steps)
     spec["fingerprint"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return spec
 
@@ -74,20 +80,30 @@ def build_model(spec: dict[str, Any], data):
     import torch
 
     from slim_ray.rec import data as rd
-    from slim_ray.rec.fusion import SeqRec
 
-    item_text = user_text = has = None
+    user_text = has = None
     fallback: list[int] = []
-    if spec["item_embeddings"]:
-        item_text = torch.from_numpy(rd.item_text_table(spec["item_embeddings"], data.n_items))
     if spec["user_embeddings"]:
         ut, has_np, fallback = rd.user_text_table(spec["user_embeddings"], data.user_ids, data.n_users,
                                                   spec["missing_rationale"])
         user_text, has = torch.from_numpy(ut), torch.from_numpy(has_np)
+    return new_model(spec, data.n_items, user_text, has), fallback
+
+
+def new_model(spec: dict[str, Any], n_items: int, user_text=None, user_has_text=None):
+    """A SeqRec of a spec with the item text table read from its embeddings and the given per-user
+    rationale table (a one-row table of the right width is enough when batches carry the rows)."""
+    import torch
+
+    from slim_ray.rec import data as rd
+    from slim_ray.rec.fusion import SeqRec
+
+    item_text = None
+    if spec["item_embeddings"]:
+        item_text = torch.from_numpy(rd.item_text_table(spec["item_embeddings"], n_items))
     learned = spec["missing_rationale"] == "learned" or spec.get("rationale_protocol") == "consistent"
-    model = SeqRec(spec["backbone"], spec["mode"], spec["hp"], data.n_items, item_text, user_text, has,
-                   spec["missing_rationale"], learned_no_rationale=bool(learned and spec["user_embeddings"]))
-    return model, fallback
+    return SeqRec(spec["backbone"], spec["mode"], spec["hp"], n_items, item_text, user_text, user_has_text,
+                  spec["missing_rationale"], learned_no_rationale=bool(learned and spec["user_embeddings"]))
 
 
 def load_data(spec: dict[str, Any]):
@@ -133,17 +149,18 @@ def train_item_counts(data) -> np.ndarray:
     return np.bincount(flat, minlength=data.n_items + 1)[: data.n_items + 1]
 
 
-def negative_sampler(hp: dict[str, Any], data):
-    """The ``SharedNegatives`` of a sampled-softmax run (its rec.params keys, or their defaults)."""
+def negative_sampler(hp: dict[str, Any], n_items: int, item_counts):
+    """The ``SharedNegatives`` of a sampled-softmax run (its rec.params keys, or their defaults).
+    ``item_counts()``: the training-prefix count of each item, asked for popularity draws only."""
     import torch
 
     from slim_ray.rec.config import SAMPLED_NEGATIVES
     from slim_ray.rec.fusion import SharedNegatives
 
     distribution = hp.get("sampled_distribution") or "uniform"
-    counts = torch.from_numpy(train_item_counts(data)) if distribution == "popularity" else None
+    counts = torch.as_tensor(np.asarray(item_counts(), np.int64)) if distribution == "popularity" else None
     k = int(hp.get("sampled_negatives") or SAMPLED_NEGATIVES)
-    return SharedNegatives(data.n_items, k, distribution, counts)
+    return SharedNegatives(n_items, k, distribution, counts)
 
 
 def _rows_slice(split, lo: int, hi: int):
@@ -250,45 +267,61 @@ def _worker_node_ids(world: int) -> list[str]:
 
 
 class _Run:
-    """The state of one run on one worker: data, model, optimizer and the training log."""
+    """The state of one run on one worker (``rec.ingest=memory``): every worker reads all users,
+    draws the same global batch order and trains on its slice of each global batch."""
 
     def __init__(self, spec: dict[str, Any]):
         import torch
         import ray.train
         import ray.train.torch
 
-        from slim_ray.rec import data as rd
-
         ctx = ray.train.get_context()
         self.spec, self.hp, self.seed = spec, spec["hp"], spec["seed"]
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.max_len = int(self.hp["max_len"])
+        self.max_steps = spec.get("max_steps")
         torch.manual_seed(self.seed)
         np.random.seed(self.seed)
-        self.data = load_data(spec)
-        model, self.fallback = build_model(spec, self.data)
-        # The per-user table leaves the module before DDP wraps it: batches carry their rows instead.
-        self.user_table = model.pop_user_table() if model.uses_rationales else None
-        self.cuts = (rd.rationale_cuts(spec["rationales"], self.data)
-                     if spec.get("rationale_protocol") == "consistent" else None)
+        model = self.load_inputs()
         self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_KWARGS)
         self.core = self.model.module if hasattr(self.model, "module") else self.model
         self.device = next(self.core.parameters()).device
         # fused: one kernel for every parameter; the per-tensor loop was 8 % of a SASRec step on CPU
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.hp["lr"]),
                                     weight_decay=float(self.hp["weight_decay"]), fused=True)
-        self.max_len = int(self.hp["max_len"])
         self.sampler = self.log_q = None
         if self.core.loss_kind == "sampled_softmax":
-            self.sampler = negative_sampler(self.hp, self.data)
+            self.sampler = negative_sampler(self.hp, self.n_items, self.item_counts)
             self.log_q = self.sampler.log_q.to(self.device)
-        self.valid = rd.eval_split(self.data, "valid", self.max_len)
-        self.fixed = (self.windows(None) if self.hp["train_on"] == "all_positions" and not self.hp.get("window_jitter")
-                      else None)
-        self.start_epoch, self.best, self.best_epoch, self.bad = 0, -1.0, -1, 0
+        self.start_epoch, self.best, self.best_epoch, self.bad, self.total_steps = 0, -1.0, -1, 0, 0
         self.history: list[dict] = []
         self.epoch_secs: list[float] = []
         self.best_state = None
         self.ema = weight_average(self.core, self.hp)
+
+    def load_inputs(self):
+        """Read the run's users; set the counts and tables the loop uses; return the model."""
+        from slim_ray.rec import data as rd
+
+        self.data = load_data(self.spec)
+        model, fallback = build_model(self.spec, self.data)
+        self.n_items, self.n_users, self.max_user_id = self.data.n_items, len(self.data), self.data.n_users
+        self.fallback_count, self.fallback_ids = len(fallback), fallback[:20]
+        # The per-user table leaves the module before DDP wraps it: batches carry their rows instead.
+        self.user_table = model.pop_user_table() if model.uses_rationales else None
+        self.cuts = (rd.rationale_cuts(self.spec["rationales"], self.data)
+                     if self.spec.get("rationale_protocol") == "consistent" else None)
+        self.valid = rd.eval_split(self.data, "valid", self.max_len)
+        self.fixed = (self.windows(None) if self.hp["train_on"] == "all_positions" and not self.hp.get("window_jitter")
+                      else None)
+        return model
+
+    def item_counts(self) -> np.ndarray:
+        return train_item_counts(self.data)
+
+    def out_of_steps(self) -> bool:
+        """``rec.max_steps`` reached (every worker counts the same steps)."""
+        return self.max_steps is not None and self.total_steps >= int(self.max_steps)
 
     def resume(self) -> None:
         """Continue from the worker group's last checkpoint when it belongs to this run."""
@@ -306,25 +339,59 @@ class _Run:
         self.core.load_state_dict(st["model"], strict=False)
         self.opt.load_state_dict(st["optimizer"])
         self.start_epoch, self.best, self.best_epoch = st["epoch"] + 1, st["best"], st["epoch"]
+        self.total_steps = int(st.get("total_steps", 0))
         self.history, self.epoch_secs = st["history"], st["epoch_secs"]
         self.best_state = {k: v.detach().clone() for k, v in _weights(self.core.state_dict()).items()}
         self.ema = weight_average(self.core, self.hp)  # restarts from the checkpoint's weights
 
-    def windows(self, jitter: Optional[np.random.Generator]):
+    def windows(self, jitter: Optional[np.random.Generator], data=None, cuts=None):
+        """All-position training windows of ``data`` (default: the run's users)."""
         from slim_ray.rec import data as rd
 
-        return rd.window_examples(self.data, self.max_len, self.cuts, self.spec.get("rationale_protocol", "leaky"),
+        data, cuts = (self.data, self.cuts) if data is None else (data, cuts)
+        return rd.window_examples(data, self.max_len, cuts, self.spec.get("rationale_protocol", "leaky"),
                                   self.hp.get("window_stride"), jitter=jitter)
 
-    def examples(self, epoch: int, rng: np.random.Generator):
+    def examples(self, rng: np.random.Generator, data=None, cuts=None):
+        """This epoch's training examples of ``data`` (default: the run's users)."""
         from slim_ray.rec import data as rd
 
-        if self.fixed is not None:
+        if data is None and self.fixed is not None:
             return self.fixed
         if self.hp["train_on"] == "all_positions":  # window_jitter: new window ends every epoch
-            return self.windows(rng)
-        return rd.prefix_examples(self.data, self.max_len, self.hp.get("prefixes_per_user"), rng, self.cuts,
+            return self.windows(rng if self.hp.get("window_jitter") else None, data, cuts)
+        data, cuts = (self.data, self.cuts) if data is None else (data, cuts)
+        return rd.prefix_examples(data, self.max_len, self.hp.get("prefixes_per_user"), rng, cuts,
                                   self.spec.get("rationale_protocol", "leaky"))
+
+    def step(self, seq, lens, users, targets, negatives, norm: float, rat=None, has=None, mask=None) -> float:
+        """One optimizer step on this worker's part of a batch; returns its summed loss."""
+        import torch
+
+        dev = self.device
+        loss = self.model(
+            torch.as_tensor(seq, device=dev), torch.as_tensor(lens, device=dev), torch.as_tensor(users, device=dev),
+            torch.as_tensor(targets, device=dev), negatives.to(dev) if negatives is not None else None, norm=norm,
+            rationale=None if rat is None else torch.as_tensor(rat, device=dev),
+            has_rationale=None if has is None else torch.as_tensor(has, device=dev),
+            rationale_mask=None if mask is None else torch.as_tensor(mask, device=dev), log_q=self.log_q,
+        )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.n_steps += 1
+        self.total_steps += 1
+        return float(loss.detach()) * norm
+
+    def negatives(self, n: int, gen):
+        """[n, L, k] per-target negatives (loss=bce), or the [K] a batch shares (sampled_softmax), or None."""
+        import torch
+
+        if self.core.loss_kind == "bce":
+            return torch.randint(1, self.n_items + 1, (n, self.max_len, int(self.hp["num_negatives"])), generator=gen)
+        return self.sampler.draw(gen) if self.sampler is not None else None
 
     def train_epoch(self, epoch: int) -> float:
         """One pass over the examples; returns the summed loss of the whole global batch stream."""
@@ -332,43 +399,33 @@ class _Run:
 
         self.model.train()
         rng = np.random.default_rng([self.seed, epoch])
-        ex = self.examples(epoch, rng)
-        self.n_targets = int((ex.targets > 0).sum())
+        ex = self.examples(rng)
         order = rng.permutation(len(ex))
         gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        gbs, k_neg, world, dev = int(self.hp["batch_size"]), int(self.hp["num_negatives"]), self.world, self.device
+        gbs, world = int(self.hp["batch_size"]), self.world
         total = 0.0
-        self.n_examples, self.n_steps = len(order), 0
+        self.n_examples = self.n_steps = self.n_targets = 0
         for b in range(0, len(order), gbs):
             gidx = order[b:b + gbs]
             if len(gidx) < world:
                 continue  # a tail batch smaller than the world: skipped by every worker alike
-            self.n_steps += 1
+            if self.out_of_steps():
+                break
             n_tgt = int((ex.targets[gidx] > 0).sum())
-            negs = shared = None
-            if self.core.loss_kind == "bce":
-                negs = torch.randint(1, self.data.n_items + 1, (len(gidx), self.max_len, k_neg), generator=gen)
-            elif self.sampler is not None:
-                shared = self.sampler.draw(gen).to(dev)
+            negs = self.negatives(len(gidx), gen)  # drawn for the global batch: the same on every worker
             mine = np.array_split(np.arange(len(gidx)), world)[self.rank]
+            if negs is not None and self.core.loss_kind == "bce":
+                negs = negs[mine]
             li = gidx[mine]
-            users = torch.as_tensor(ex.users[li])
-            rat = has = mask = None
+            rat = has = None
             if self.user_table is not None:
-                rat, has = self.user_table[0][users].to(dev), self.user_table[1][users].to(dev)
-            if ex.rationale_mask is not None:
-                mask = torch.as_tensor(ex.rationale_mask[li], device=dev)
-            loss = self.model(
-                torch.as_tensor(ex.seq[li], device=dev), torch.as_tensor(ex.lens[li], device=dev), users.to(dev),
-                torch.as_tensor(ex.targets[li], device=dev), negs[mine].to(dev) if negs is not None else shared,
-                norm=max(1, n_tgt) / world, rationale=rat, has_rationale=has, rationale_mask=mask, log_q=self.log_q,
-            )
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            if self.ema is not None:
-                self.ema.update()
-            total += float(loss.detach()) * max(1, n_tgt) / world
+                users = torch.as_tensor(ex.users[li])
+                rat, has = self.user_table[0][users], self.user_table[1][users]
+            mask = ex.rationale_mask[li] if ex.rationale_mask is not None else None
+            total += self.step(ex.seq[li], ex.lens[li], ex.users[li], ex.targets[li], negs, max(1, n_tgt) / world,
+                               rat, has, mask)
+            self.n_examples += len(gidx)
+            self.n_targets += n_tgt
         return total
 
     def validate(self, metrics: dict[str, Any]) -> bool:
@@ -379,11 +436,10 @@ class _Run:
         self.model.eval()
         if self.ema is not None:
             self.ema.swap()  # score (and keep) the averaged weights
-        s = torch.tensor(valid_ndcg(self.core, self.valid, self.rank, self.world, self.device, self.user_table),
-                         dtype=torch.float64)
+        s = torch.tensor(self.valid_sums(), dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(s)
-        ndcg, hr = (s / len(self.valid.users)).tolist()
+        ndcg, hr = (s[:2] / max(1.0, float(s[2]))).tolist()
         metrics.update({"valid_ndcg@10": ndcg, "valid_hr@10": hr})
         improved = ndcg > self.best
         if improved:
@@ -394,6 +450,11 @@ class _Run:
         if self.ema is not None:
             self.ema.swap()  # training goes on from the weights themselves
         return improved
+
+    def valid_sums(self) -> tuple[float, float, int]:
+        """(sum of NDCG@10, sum of HR@10, users) over this worker's validation users."""
+        mine = len(np.array_split(np.arange(len(self.valid.users)), self.world)[self.rank])
+        return (*valid_ndcg(self.core, self.valid, self.rank, self.world, self.device, self.user_table), mine)
 
     def decay_on_plateau(self, improved: bool) -> None:
         """Apply ``plateau_lr`` to every parameter group after a validation. The optimizer's state,
@@ -412,7 +473,8 @@ class _Run:
             if improved and self.rank == 0:
                 torch.save({"fingerprint": self.spec["fingerprint"], "model": self.best_state,
                             "optimizer": self.opt.state_dict(), "epoch": metrics["epoch"], "best": self.best,
-                            "history": self.history, "epoch_secs": self.epoch_secs}, os.path.join(d, "state.pt"))
+                            "history": self.history, "epoch_secs": self.epoch_secs,
+                            "total_steps": self.total_steps}, os.path.join(d, "state.pt"))
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -421,22 +483,157 @@ class _Run:
         state = self.core.state_dict()
         if self.best_state is not None:
             state.update(self.best_state)
-        if self.user_table is not None:
-            state["user_text"], state["user_has_text"] = self.user_table
+        self.add_user_table(state)
         spec = self.spec
         meta = {**{k: spec[k] for k in ("backbone", "mode", "role", "variant", "seed", "hp", "fingerprint",
                                         "missing_rationale", "max_users")},
+                "max_steps": spec.get("max_steps"),
                 "rationale_protocol": spec.get("rationale_protocol"),
                 "inputs": {k: spec.get(k) for k in ("sequences", "items", "item_embeddings", "user_embeddings",
                                                     "rationales")},
                 "loss": self.core.loss_kind,
-                "full_softmax_logit_bytes": full_softmax_logit_bytes(self.hp, self.data.n_items),
+                "full_softmax_logit_bytes": full_softmax_logit_bytes(self.hp, self.n_items),
                 "best_epoch": self.best_epoch, "best_valid_ndcg@10": self.best, "history": self.history,
                 "epoch_seconds": self.epoch_secs, "wall_seconds": round(time.time() - t_start, 2),
-                "fallback_users": len(self.fallback), "fallback_user_ids": self.fallback[:20],
+                "fallback_users": self.fallback_count, "fallback_user_ids": self.fallback_ids,
                 "world_size": self.world, "device": str(self.device), "node_ids": node_ids,
-                "n_users": len(self.data), "n_items": self.data.n_items, "max_user_id": self.data.n_users}
+                "n_users": self.n_users, "n_items": self.n_items, "max_user_id": self.max_user_id,
+                "ingest": spec.get("ingest", "memory"), "total_steps": self.total_steps}
         write_run(run_dir, state, meta)
+        if getattr(self, "_table_dir", None) is not None:
+            self._table_dir.cleanup()
+
+    def add_user_table(self, state: dict) -> None:
+        """The per-user rationale table goes into model.pt, so the run folder is self-contained."""
+        if self.user_table is not None:
+            state["user_text"], state["user_has_text"] = self.user_table
+
+
+class _StreamRun(_Run):
+    """One run on one worker under ``rec.ingest=dataset`` (``slim_ray.rec.ingest``): the users come
+    from this worker's shard of the run's Ray Dataset, ``CHUNK_USERS`` at a time.
+
+    Each chunk becomes training examples (windows or prefixes, as in memory) that carry their
+    user's rationale vector; the examples left after the last full local batch wait for the next
+    chunk. Workers agree after each chunk on how many steps they all can take (one all-reduce of
+    two numbers) and on the targets of each of those global steps, so the loss is the global-batch
+    mean as in memory mode. The batch order is not the memory mode's (each worker shuffles its own
+    shard), so the two modes take different, equally valid steps; the examples still waiting when a
+    worker's shard ends (fewer than a local batch per worker, or the imbalance of the shards) are
+    not trained on that epoch."""
+
+    CHUNK_USERS = 8192
+
+    def load_inputs(self):
+        info = self.spec["_ingest"]
+        self.info = info
+        self.n_items, self.n_users, self.max_user_id = info["n_items"], info["users"], info["max_user_id"]
+        self.fallback_count, self.fallback_ids = info["fallback"], info["fallback_ids"]
+        self.user_table = self.cuts = self.fixed = None
+        if self.spec["user_embeddings"]:
+            import torch
+
+            # the rationale vectors come with each batch: the module only needs their width
+            model = new_model(self.spec, self.n_items, torch.zeros((1, info["dim"])), torch.zeros(1, dtype=torch.bool))
+            model.pop_user_table()
+            return model
+        return new_model(self.spec, self.n_items)
+
+    def item_counts(self) -> np.ndarray:
+        return np.asarray(self.info["item_counts"], np.int64)
+
+    def _agree(self, values: list[int], op: str):
+        """All-reduce a few integers (``min`` or ``sum``) over the worker group."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _chunk_examples(self, chunk, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        ex = self.examples(rng, chunk.data, chunk.cuts if self.spec.get("rationale_protocol") == "consistent" else None)
+        out = {"seq": ex.seq, "lens": ex.lens, "users": chunk.user_ids[ex.users], "targets": ex.targets}
+        if ex.rationale_mask is not None:
+            out["mask"] = ex.rationale_mask
+        if chunk.vectors is not None:
+            out["rat"], out["has"] = chunk.vectors[ex.users], chunk.has[ex.users]
+        return out
+
+    def train_epoch(self, epoch: int) -> float:
+        import torch
+        import ray.train
+
+        from slim_ray.rec.ingest import iter_chunks
+
+        self.model.train()
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        shared_gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # the same draws on every worker
+        own_gen = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1009 + self.rank)
+        local = max(1, int(self.hp["batch_size"]) // self.world)
+        chunks = iter_chunks(ray.train.get_dataset_shard(self.info["train"]), self.n_items, self.CHUNK_USERS,
+                             shuffle_buffer=2 * self.CHUNK_USERS)
+        total, pending = 0.0, None
+        self.n_examples = self.n_steps = self.n_targets = 0
+        while not self.out_of_steps():
+            chunk = next(chunks, None)
+            if chunk is not None:
+                ex = self._chunk_examples(chunk, rng)
+                pending = ex if pending is None else {k: np.concatenate([pending[k], ex[k]]) for k in ex}
+            n = 0 if pending is None else len(pending["lens"])
+            k, every_one_has_a_chunk = self._agree([n // local, int(chunk is not None)], "min")
+            if self.max_steps is not None:
+                k = min(k, int(self.max_steps) - self.total_steps)
+            if k:
+                order = rng.permutation(n)
+                batches = [order[j * local:(j + 1) * local] for j in range(k)]
+                targets = self._agree([int((pending["targets"][b] > 0).sum()) for b in batches], "sum")
+                for b, n_tgt in zip(batches, targets):
+                    negs = self.negatives(len(b), own_gen if self.core.loss_kind == "bce" else shared_gen)
+                    total += self.step(pending["seq"][b], pending["lens"][b], pending["users"][b],
+                                       pending["targets"][b], negs, max(1, n_tgt) / self.world,
+                                       pending["rat"][b] if "rat" in pending else None,
+                                       pending["has"][b] if "has" in pending else None,
+                                       pending["mask"][b] if "mask" in pending else None)
+                    self.n_targets += n_tgt
+                self.n_examples += k * local * self.world
+                rest = order[k * local:]
+                pending = {key: v[rest] for key, v in pending.items()}
+            if not every_one_has_a_chunk:
+                for _ in chunks:  # a longer shard (rare): finish the Ray Data epoch without steps
+                    pass
+                break
+        return total
+
+    def valid_sums(self) -> tuple[float, float, int]:
+        import torch
+        import ray.train
+
+        from slim_ray.rec import data as rd
+        from slim_ray.rec.ingest import iter_chunks
+
+        ndcg = hr = 0.0
+        users = 0
+        for chunk in iter_chunks(ray.train.get_dataset_shard(self.info["valid"]), self.n_items, self.CHUNK_USERS):
+            split = rd.eval_split(chunk.data, "valid", self.max_len)
+            table = None
+            if chunk.vectors is not None:  # indexed by the chunk's user numbers, as split.users are
+                table = (torch.from_numpy(chunk.vectors), torch.from_numpy(chunk.has))
+            n, h = valid_ndcg(self.core, split, 0, 1, self.device, table)
+            ndcg, hr, users = ndcg + n, hr + h, users + len(chunk)
+        return ndcg, hr, users
+
+    def add_user_table(self, state: dict) -> None:
+        """Rank 0 writes the table of every user into model.pt from the user state, through a
+        file-backed array (the workers never held it)."""
+        if not self.spec["user_embeddings"]:
+            return
+        from slim_ray.rec.ingest import user_table_file
+
+        self._table_dir = tempfile.TemporaryDirectory(prefix="slim-ray-users-")
+        state["user_text"], state["user_has_text"] = user_table_file(
+            self.info, os.path.join(self._table_dir.name, "user_text.npy"))
 
 
 def _peak_rss_mib() -> float:
@@ -451,7 +648,7 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
     import torch.distributed as dist
 
     t_start = time.time()
-    run = _Run(spec)
+    run = _StreamRun(spec) if spec.get("ingest") == "dataset" else _Run(spec)
     node_ids = _worker_node_ids(run.world)
     run.resume()
     tag = storage.basename(run_dir)
@@ -467,7 +664,7 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
                    "train_loss": float(loss_sum.item() / max(1, run.n_targets)),
                    # for seconds per step and examples/s at scale (bench scale)
                    "steps": run.n_steps, "examples": run.n_examples}
-        if (epoch + 1) % int(spec["eval_every"]) and epoch + 1 != epochs:
+        if (epoch + 1) % int(spec["eval_every"]) and epoch + 1 != epochs and not run.out_of_steps():
             run.history.append(dict(metrics, worker_rss_mib=_peak_rss_mib()))
             continue
         t_valid = time.time()
@@ -477,7 +674,7 @@ def train_one(spec: dict[str, Any], run_dir: str) -> None:
         run.history.append(metrics)
         run.report(metrics, improved)
         run.decay_on_plateau(improved)
-        if run.bad >= int(run.hp["patience"]):
+        if run.bad >= int(run.hp["patience"]) or run.out_of_steps():
             break
     if run.rank == 0:
         run.publish(run_dir, t_start, node_ids)
@@ -504,10 +701,36 @@ def train_storage(cfg) -> tuple[str, Any]:
     return path, fs
 
 
+def ingest_inputs(cfg, runs: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """For the runs under ``rec.ingest=dataset``: build (or find) each one's user state in a Ray task,
+    attach what its workers need as ``spec["_ingest"]`` (counts and the state's URI; not part of
+    the fingerprint), and return the Ray Datasets the trainer splits, by name."""
+    import ray
+
+    from slim_ray.rec import data as rd
+    from slim_ray.rec.ingest import prepare_state, user_rows
+
+    prepare = ray.remote(num_cpus=0)(prepare_state)
+    datasets: dict[str, Any] = {}
+    for i, (spec, _) in enumerate(runs):
+        if spec.get("ingest") != "dataset":
+            continue
+        info = ray.get(prepare.remote(storage.normalize(cfg.layout.root), spec, rd.count_items(spec["items"])))
+        info["train"], info["valid"] = f"users-{i}", f"users-{i}-valid"
+        # two Datasets of the same rows: each split feeds its own loop (training, validation)
+        datasets[info["train"]], datasets[info["valid"]] = user_rows(info), user_rows(info)
+        spec["_ingest"] = info
+        logger.warning("[train] %s: %d users through Ray Data (%d without a rationale vector), user state %s",
+                       spec["variant"], info["users"], info["fallback"], info["state"])
+    return datasets
+
+
 def fit_sweep(cfg, runs: list[tuple[dict[str, Any], str]]) -> float:
     """Train ``runs`` [(spec, run_dir)] in one Ray Train ``TorchTrainer``; returns its wall seconds.
 
     ``run_dir`` must be on storage that rank 0's node can write (the run folder, as for every stage).
+    Runs under ``rec.ingest=dataset`` get their users as Ray Datasets (``ingest_inputs``), split
+    over the workers by the trainer's ``DataConfig`` (equal shards).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -523,6 +746,7 @@ def fit_sweep(cfg, runs: list[tuple[dict[str, Any], str]]) -> float:
     key = hashlib.sha256("".join(s["fingerprint"] for s, _ in runs).encode()).hexdigest()[:12]
     name = f"sweep-{key}-w{rc.num_workers}"
     t0 = time.time()
+    datasets = ingest_inputs(cfg, runs)
     trainer = TorchTrainer(
         sweep_loop,
         train_loop_config={"runs": [(s, storage.normalize(d)) for s, d in runs],
@@ -534,6 +758,7 @@ def fit_sweep(cfg, runs: list[tuple[dict[str, Any], str]]) -> float:
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=1)),
+        datasets=datasets or None,
     )
     trainer.fit()
     storage.delete_dir(storage.join(cfg.layout.rec, "_ray_train", name))

@@ -5,7 +5,7 @@
 For each size N: ``slim-ray synth`` writes an Amazon-format log of N users (a fixed catalogue, so
 per-user work does not grow with N), then each stage runs as its own ``slim-ray <stage>`` process
 over one run folder: prepare, teach (a fixed sample of users), reason (every user), encode, train
-(one epoch), evaluate, and a serve warm-up (``slim-ray serve`` until ready, a few requests, stop).
+(a fixed number of steps, users through Ray Data), evaluate, and a serve warm-up (``slim-ray serve`` until ready, a few requests, stop).
 Distillation is left out: its cost depends on the teacher sample, not on N (bench/distill.py).
 
 The LLM stages use the ``openai`` engine against the stand-in server (slim_ray/scale/standin.py)
@@ -237,7 +237,8 @@ class SizeRun:
         return {}
 
     def _train_rows(self) -> dict[str, Any]:
-        """Examples/s and seconds per step of the (single) run, from its meta.json."""
+        """Seconds per step and examples/s of the (single) run over its epochs (``rec.max_steps`` in
+        all), and the workers' peak RSS, from its meta.json."""
         from slim_ray import storage
         from slim_ray.rec.checkpoint import finished_runs, read_meta
 
@@ -245,19 +246,22 @@ class SizeRun:
         meta = read_meta(runs[0]) if runs else None
         if not meta:
             return {}
-        hist = (meta.get("history") or [{}])[0]
-        epoch_s = float((meta.get("epoch_seconds") or [0])[0])
-        steps, examples = hist.get("steps"), hist.get("examples")
-        out = {"rows": meta.get("n_users"), "rows_what": "users (one epoch)", "epoch_s": round(epoch_s, 2),
-               "loss": meta.get("loss"), "workers": meta.get("world_size"), "run": storage.basename(runs[0])}
+        hist = meta.get("history") or []
+        train_s = float(sum(meta.get("epoch_seconds") or [0]))
+        steps = sum(int(h.get("steps") or 0) for h in hist)
+        examples = sum(int(h.get("examples") or 0) for h in hist)
+        out = {"rows": meta.get("n_users"), "rows_what": "users", "train_s": round(train_s, 2),
+               "loss": meta.get("loss"), "workers": meta.get("world_size"), "ingest": meta.get("ingest"),
+               "run": storage.basename(runs[0])}
         if steps:
-            out["s_per_step"] = round(epoch_s / steps, 4)
+            out["s_per_step"] = round(train_s / steps, 4)
             out["steps"] = steps
-        if examples:
-            out["examples_per_s"] = round(examples / epoch_s, 1) if epoch_s else None
+        if examples and train_s:
+            out["examples_per_s"] = round(examples / train_s, 1)
             out["examples"] = examples
-        if hist.get("worker_rss_mib"):
-            out["worker_rss_mib"] = hist["worker_rss_mib"]
+        rss = [h["worker_rss_mib"] for h in hist if h.get("worker_rss_mib")]
+        if rss:
+            out["worker_rss_mib"] = max(rss)
         return out
 
     def serve_warmup(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ A state folder (``state_uri``: ``<run_dir>/serve/userstate/<role>[-novectors]-<s
     has_vector.npy          bool    [U]
     rationale_offsets.npy   int64   [U + 1]   user i's rationale text: UTF-8 bytes
     rationale_bytes.npy     uint8   [T]       rationale_bytes[off[i]:off[i + 1]] (empty: none)
+    rationale_prefix_len.npy int64  [U]       prefix_len of that rationale (0: none); recommender
+                                              training reads it as the rationale's cut
     state.json              format, counts, every file's dtype, shape and size; written last
 
 Sources are the run's contracts, read through ``slim_ray.storage``: ``prepared/sequences``
@@ -53,7 +55,7 @@ import pyarrow.compute as pc
 
 from slim_ray import storage
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "state.json"
 #: file name -> dtype; the shapes are in state.json
 FILES = {
@@ -64,6 +66,7 @@ FILES = {
     "has_vector": np.bool_,
     "rationale_offsets": np.int64,
     "rationale_bytes": np.uint8,
+    "rationale_prefix_len": np.int64,
 }
 #: users gathered per write while reordering (bounds the memory of one step)
 CHUNK_USERS = 65536
@@ -107,6 +110,7 @@ class UserState:
         self.history_offsets, self.history_items = arrays["history_offsets"], arrays["history_items"]
         self.vectors, self.has_vector = arrays["vectors"], arrays["has_vector"]
         self.rationale_offsets, self.rationale_bytes = arrays["rationale_offsets"], arrays["rationale_bytes"]
+        self.rationale_prefix_len = arrays.get("rationale_prefix_len", np.zeros(len(self.user_ids), np.int64))
         # plain ndarray views of the same mapped pages: slicing a np.memmap costs more per lookup
         self._ids, self._hoff, self._hitems = (a.view(np.ndarray) for a in (
             self.user_ids, self.history_offsets, self.history_items))
@@ -122,7 +126,8 @@ class UserState:
         z = np.zeros(0, np.int64)
         return cls({"user_ids": z, "history_offsets": np.zeros(1, np.int64), "history_items": z,
                     "vectors": np.zeros((0, dim), np.float32), "has_vector": np.zeros(0, bool),
-                    "rationale_offsets": np.zeros(1, np.int64), "rationale_bytes": np.zeros(0, np.uint8)})
+                    "rationale_offsets": np.zeros(1, np.int64), "rationale_bytes": np.zeros(0, np.uint8),
+                    "rationale_prefix_len": z})
 
     @classmethod
     def open(cls, folder: str) -> "UserState":
@@ -163,6 +168,9 @@ class UserState:
             if len(off) != n + 1 or off[0] != 0 or off[-1] != len(arrays[values]):
                 raise UserStateError(f"{os.path.join(folder, offsets + '.npy')}: offsets do not match "
                                      f"{values}.npy ({len(arrays[values])} values, {n} users)")
+        if len(arrays["rationale_prefix_len"]) != n:
+            raise UserStateError(f"{os.path.join(folder, 'rationale_prefix_len.npy')}: "
+                                 f"{len(arrays['rationale_prefix_len'])} rows for {n} users")
         if arrays["vectors"].shape[0] != n or len(arrays["has_vector"]) != n:
             raise UserStateError(f"{os.path.join(folder, 'vectors.npy')}: {arrays['vectors'].shape[0]} rows for {n} users")
         return cls(arrays, folder, meta)
@@ -444,8 +452,8 @@ def _utf8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_rationales(folder: str, scratch: str, user_ids: np.ndarray, rationales: Optional[str]) -> int:
-    """rationale_offsets, rationale_bytes: per user the usable row with the longest prefix_len,
-    the later row among equals; returns the users with a text."""
+    """rationale_offsets, rationale_bytes, rationale_prefix_len: per user the usable row with the
+    longest prefix_len, the later row among equals; returns the users with a text."""
     n = len(user_ids)
     best_len = np.full(n, -1, np.int64)  # prefix_len of the chosen row
     src_off, src_len = np.zeros(n, np.int64), np.zeros(n, np.int64)  # its text in the scratch file
@@ -481,4 +489,5 @@ def _write_rationales(folder: str, scratch: str, user_ids: np.ndarray, rationale
     out.flush()
     del out
     np.save(os.path.join(folder, "rationale_offsets.npy"), out_off)
+    np.save(os.path.join(folder, "rationale_prefix_len.npy"), np.maximum(best_len, 0))
     return int((best_len >= 0).sum())

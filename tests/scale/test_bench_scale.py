@@ -59,7 +59,7 @@ def test_bench_scale_at_10k_users_keeps_every_contract(tmp_path, ray_head):
     assert gcs.startswith("127.0.0.1:") and ray_head["RAY_AUTH_MODE"] == "token"
     proc = subprocess.run([exe, "bench", "scale", "--users", str(USERS), "--stages", ",".join(STAGES),
                            "--out", str(out), "--markdown", str(md), "--latency-ms", "2", "--words", "16",
-                           "--address", gcs, "--set", "teacher.num_users=500"],
+                           "--address", gcs, "--set", "teacher.num_users=500", "rec.max_steps=30", "rec.epochs=1"],
                           cwd=ROOT, env=dict(_env(), RAY_AUTH_MODE="token"), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -96,8 +96,9 @@ def test_bench_scale_at_10k_users_keeps_every_contract(tmp_path, ray_head):
     assert _rows(str(run / "embeddings" / "student"), ["id"]).num_rows == n_users
     assert r["encode"]["rows"] == n_items + n_users
 
-    # train: one finished run over every user; evaluate: every user scored
+    # train: one finished run over every user, through Ray Data, stopped at max_steps; evaluate: every user scored
     assert r["train"]["rows"] == n_users and r["train"]["workers"] == 2
+    assert r["train"]["ingest"] == "dataset" and r["train"]["steps"] == 30 and r["train"]["examples"] == 30 * 256
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["num_users"] == n_users == r["evaluate"]["rows"]
 

@@ -116,6 +116,8 @@ def test_every_user_reads_back_equal_to_the_source(lay, tmp_path):
     assert st.rationale(5) is None and st.rationale(7) == "y wins the tie" and st.rationale(2) == "no prefix_len"
     assert st.vector(2) is None  # its only vector has the old encoder's width
     assert st.history(8) == [] and 8 in st
+    # the chosen rationale's prefix_len (0: none, or a row without one): training's cut
+    assert dict(zip(st.user_ids.tolist(), st.rationale_prefix_len.tolist())) == {1: 3, 2: 0, 3: 1, 5: 0, 7: 2, 8: 0, 9: 0}
     assert (meta["users_with_vector"], meta["users_with_rationale"]) == (4, 4)
     # unknown users: not found, whatever the id
     for u in (0, 4, 6, 10, 11, 42, -1, 2**63 - 1, None):
