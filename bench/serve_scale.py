@@ -7,7 +7,7 @@
    parts of 100k rows (``prepared/sequences``: histories of 5..35 items, ~``--history`` on average;
    ``embeddings/student``: a ``--dim`` float32 unit vector per user; ``rationales/student``: a text
    of ~``--text-chars`` characters per user), and the same content as a per-user state folder
-   (``slim_ray.serve.userstate``: ``.npy`` files + ``state.json``) written directly with NumPy.
+   (``slim_ray.data.userstate``: ``.npy`` files + ``state.json``) written directly with NumPy.
    ``--check-build`` also builds the state from the Parquet parts with ``userstate.build`` (what
    ``slim-ray serve`` does once per data version) in a child process, reports its time and peak
    anonymous / file-backed RSS, and checks it equals the direct one.
@@ -68,7 +68,7 @@ def write_data(root: str, n_users: int, mean_history: int, dim: int, text_chars:
     from slim_ray.data.schemas import RATIONALES_SCHEMA, SEQUENCES_SCHEMA
     from slim_ray.encode import store
     from slim_ray.layout import RunLayout
-    from slim_ray.serve import userstate
+    from slim_ray.data import userstate
 
     lay = RunLayout(os.path.join(root, "run"))
     state = os.path.join(root, "state")
@@ -143,7 +143,7 @@ def write_data(root: str, n_users: int, mean_history: int, dim: int, text_chars:
 def build_child(root: str) -> dict:
     """Build the state from the Parquet parts with the serving code (``userstate.build``)."""
     from slim_ray.layout import RunLayout
-    from slim_ray.serve import userstate
+    from slim_ray.data import userstate
 
     t0 = time.perf_counter()
     userstate.build(os.path.join(root, "built"), **userstate.sources(RunLayout(os.path.join(root, "run")), "student"))
@@ -171,7 +171,7 @@ def check_build(root: str) -> dict:
 
     import numpy as np
 
-    from slim_ray.serve import userstate
+    from slim_ray.data import userstate
 
     shutil.rmtree(os.path.join(root, "built"), ignore_errors=True)
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "build", "--data", root],
@@ -242,7 +242,7 @@ def child(kind: str, root: str, lookups: int, seed: int) -> dict:
             h = histories.get(u)
             return list(h), user_vectors.get(u), rationales.get(u)
     else:
-        from slim_ray.serve.userstate import UserState
+        from slim_ray.data.userstate import UserState
 
         state = UserState.open(os.path.join(root, "state"))
 

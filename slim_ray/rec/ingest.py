@@ -4,7 +4,7 @@
 
     memory   every worker reads the whole sequences contract and the rationale table (small data:
              a fixed global batch order, 1 and N workers take the same steps)
-    dataset  the run's user state (``slim_ray.serve.userstate``: sorted user ids, histories,
+    dataset  the run's user state (``slim_ray.data.userstate``: sorted user ids, histories,
              rationale vectors, each rationale's prefix_len, as memory-mapped NumPy files built
              part by part in one Ray task) is read by a Ray Dataset of user rows; the TorchTrainer
              splits it (``DataConfig``: ``streaming_split(equal=True)``) and each worker iterates its
@@ -64,10 +64,14 @@ def prepare_state(run_root: str, spec: dict[str, Any], n_items: Optional[int]) -
     (``missing_rationale=error``; a rationale cut past a user's training prefix)."""
     from slim_ray.data import splits
     from slim_ray.rec.data import MissingRationales
-    from slim_ray.serve import userstate
+    from slim_ray.data import userstate
+
+    from slim_ray.rec.config import base_role
 
     role = state_role(spec)
-    uri = userstate.ensure_published(run_root, role, vectors=role != "none")
+    # the cut of an ablation role's vector (student-step1) is its base role's rationale's prefix_len
+    uri = userstate.ensure_published(run_root, role, vectors=role != "none",
+                                     rationales_role=base_role(role) if role != "none" else None)
     st = userstate.UserState.open(storage.local_copy(uri))
     lens = np.diff(st.history_offsets)
     trainable = lens >= 3
@@ -123,7 +127,7 @@ def training_item_counts(st, n_items: int) -> np.ndarray:
 def _state_rows(batch: dict[str, np.ndarray], uri: str) -> pa.Table:
     """Map task: the user rows of state rows [lo, hi) (users with >= 3 items), with their rationale
     vector, whether they have one, and its cut."""
-    from slim_ray.serve import userstate
+    from slim_ray.data import userstate
 
     st = userstate.UserState.open(storage.local_copy(uri))
     tables = []
@@ -199,7 +203,7 @@ def user_table_file(info: dict[str, Any], path: str):
     blocks, so the table is written through the page cache, not held as anonymous memory."""
     import torch
 
-    from slim_ray.serve import userstate
+    from slim_ray.data import userstate
 
     st = userstate.UserState.open(storage.local_copy(info["state"]))
     n = info["max_user_id"] + 1

@@ -121,13 +121,13 @@ def start(cfg) -> str:
 
 
 def prepare_user_state(cfg, checkpoint: Optional[str] = None) -> str:
-    """Build the run's memory-mapped per-user state (``slim_ray.serve.userstate``) in one Ray task
+    """Build the run's memory-mapped per-user state (``slim_ray.data.userstate``) in one Ray task
     when it is missing, so the replicas only map it and this driver never holds per-user data.
     Returns its URI."""
     import ray
 
     from slim_ray.serve.recommender import user_state_spec
-    from slim_ray.serve.userstate import ensure_published
+    from slim_ray.data.userstate import ensure_published
 
     role, vectors = user_state_spec(cfg, checkpoint)
     task = ray.remote(num_cpus=1, max_retries=1)(ensure_published)

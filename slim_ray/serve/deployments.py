@@ -176,7 +176,7 @@ class EncoderDeployment:
 class RecommenderDeployment:
     """Catalogue + scorer of one run (``recommender.Recommender``), batched; the checkpoint comes
     from ``user_config: {checkpoint: ...}`` so it can be swapped while serving. The per-user state
-    is memory-mapped (``slim_ray.serve.userstate``): the first replica of a data version builds
+    is memory-mapped (``slim_ray.data.userstate``): the first replica of a data version builds
     it, the others map what it published."""
 
     def __init__(self, cfg_dict: dict, max_batch_size: int, batch_wait_timeout_s: float):

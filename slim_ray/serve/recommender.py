@@ -24,8 +24,8 @@ import numpy as np
 
 from slim_ray import storage
 from slim_ray.encode.store import load_embeddings
-from slim_ray.serve import userstate
-from slim_ray.serve.userstate import UserState
+from slim_ray.data import userstate
+from slim_ray.data.userstate import UserState
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Catalog:
     """Items (id -> key, title, text) and the per-user state of one run.
 
     The items are small dicts (one entry per item); everything per user (histories, stored
-    rationale vectors and texts) is a memory-mapped ``UserState`` (``slim_ray.serve.userstate``),
+    rationale vectors and texts) is a memory-mapped ``UserState`` (``slim_ray.data.userstate``),
     shared by the replicas of a node through the page cache. ``histories``, ``user_vectors`` and
     ``rationales`` are read-only mappings over it."""
 

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from rec_testdata import synthetic_run, write_rationales
+from rec_testdata import cyclic_sequences, synthetic_run, tail_cuts, write_rationales, write_vectors
 from slim_ray.config import load_config
 from slim_ray.layout import RunLayout
 from slim_ray.rec.data import MissingRationales, read_vectors
-from slim_ray.rec.ingest import resolve_ingest
+from slim_ray.rec.ingest import prepare_state, resolve_ingest
 from slim_ray.rec.stage import run_evaluate, run_train
+from slim_ray.rec.train import run_spec
+from slim_ray.data.userstate import UserState
 
 FAST = ["rec.hidden=32", "rec.max_len=16", "rec.batch_size=64", "rec.num_workers=2", "rec.ingest=dataset",
         "rec.backbone=sasrec", "rec.missing_rationale=learned", "evaluate.num_negatives=20"]
@@ -83,3 +85,19 @@ def test_auto_picks_dataset_above_the_threshold(root):
     assert resolve_ingest("memory", 0, seqs) == "memory"
     with pytest.raises(ValueError, match="rec.max_users applies to rec.ingest=memory"):
         resolve_ingest("dataset", 0, seqs, max_users=5)
+
+
+def test_an_ablation_role_takes_the_cut_of_its_base_role(tmp_path):
+    """slim:teacher-step1 has vectors of its own and the rationales (hence the cuts) of teacher."""
+    root = str(tmp_path / "run")
+    synthetic_run(root, n_users=20, n_items=10, text_dim=4, rationale_users=15, roles=("teacher",))
+    lay = RunLayout(root)
+    write_vectors(lay.user_embeddings("teacher-step1"), np.arange(1, 18), np.ones((17, 4)), "user")
+    cfg = load_config(None, [f"run_dir={root}", "rec.mode=slim:teacher-step1"] + FAST)
+    spec = run_spec(cfg, "sasrec", "slim", "teacher-step1", 0, None, "dataset")
+    info = prepare_state(root, spec, 10)
+    st = UserState.open(info["state"])
+    cuts = tail_cuts(cyclic_sequences(20, 10, 8, 16, 0))[:15] + [0] * 5  # users 16-20 have no rationale
+    assert st.rationale_prefix_len.tolist() == cuts and st.vectors.shape == (20, 4)
+    assert (info["users"], info["fallback"], info["fallback_ids"]) == (20, 3, [18, 19, 20])
+    assert info["max_user_id"] == 20 and info["dim"] == 4 and info["n_items"] == 10

@@ -93,7 +93,7 @@ def test_known_users_in_one_recommender_call_with_their_stored_rationale(server,
     assert version["student"]["adapter_sha256"] is None
     # the replica maps the per-user state `start` built (in a Ray task) before deploying
     from slim_ray.serve.recommender import user_state_spec
-    from slim_ray.serve.userstate import state_uri
+    from slim_ray.data.userstate import state_uri
 
     info = client.get("/info").json()
     assert info["users"] == len(HISTORIES) and info["user_state"] == state_uri(cfg.layout, *user_state_spec(cfg))

@@ -117,14 +117,14 @@ def test_recommender_plans_each_request_and_answers_a_batch_at_once(cfg):
 
 
 def test_catalog_users_and_checkpoint_table_are_memory_mapped(cfg):
-    """The catalogue's users come from the memory-mapped state (slim_ray.serve.userstate), and a
+    """The catalogue's users come from the memory-mapped state (slim_ray.data.userstate), and a
     checkpoint's per-user rationale table is read from its mapped model.pt, equal to the vectors
     the run was built from; with a checkpoint the state holds no second copy of them."""
     import os
 
     from slim_ray.serve.checkpoint import CheckpointScorer
     from slim_ray.serve.recommender import user_state_spec
-    from slim_ray.serve.userstate import state_uri
+    from slim_ray.data.userstate import state_uri
 
     text = Recommender(cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"recommender": "text"})}))
     users = text.catalog.users

@@ -1,4 +1,4 @@
-"""The memory-mapped per-user state of serving (slim_ray.serve.userstate): built part by part from
+"""The memory-mapped per-user state of serving (slim_ray.data.userstate): built part by part from
 real Parquet contracts (several parts, users out of order, several rationales per user, an encoder
 change), every user read back equal to what the dict-based catalogue read from the same files,
 unknown users reported as unknown, the arrays memory-mapped, published once per data version on a
@@ -16,8 +16,8 @@ from slim_ray import storage
 from slim_ray.data.schemas import RATIONALES_SCHEMA, SEQUENCES_SCHEMA
 from slim_ray.encode import store
 from slim_ray.layout import RunLayout
-from slim_ray.serve import userstate
-from slim_ray.serve.userstate import UserState, UserStateError
+from slim_ray.data import userstate
+from slim_ray.data.userstate import UserState, UserStateError
 
 D = 8
 # three parts of sequences, users out of order; user 8 has an empty history

@@ -1,5 +1,5 @@
-"""Per-user serving state: every known user's history, stored rationale vector and rationale text
-in flat NumPy files that each recommender replica memory-maps, instead of Python dicts.
+"""Per-user state of a run: every known user's history, stored rationale vector and rationale text
+in flat NumPy files that recommender replicas and training workers memory-map, instead of Python dicts.
 
 A state folder (``state_uri``: ``<run_dir>/serve/userstate/<role>[-novectors]-<source key>/``):
 
@@ -21,7 +21,9 @@ out, as ``encode.store.read_parts`` does) and ``rationales/<role>`` (per user, a
 and with a non-empty text, the longest ``prefix_len``; among equals, the later row). Users are
 those of the sequences; vectors and texts of other users are dropped (they were never served).
 
-Where it is built: in the serve start-up path, never in the driver. ``slim-ray serve``
+Who reads it: every recommender replica (``slim_ray.serve``), and recommender training under
+``rec.ingest=dataset`` (``slim_ray.rec.ingest``), so it lives below both, with the data contracts.
+Where it is built: in the serve start-up path or the training set-up, never in the driver. ``slim-ray serve``
 (``slim_ray.serve.app.start``) runs ``ensure_published`` as one Ray task before it deploys the
 graph; every recommender replica then calls ``ensure``, which builds only when the state is still
 missing (a graph started another way, e.g. a RayService, or data changed since). The folder name
@@ -225,8 +227,9 @@ def source_key(srcs: dict[str, Optional[str]]) -> str:
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
-def state_uri(layout, role: str, vectors: bool = True) -> str:
-    name = f"{role}{'' if vectors else '-novectors'}-{source_key(sources(layout, role, vectors))}"
+def state_uri(layout, role: str, vectors: bool = True, srcs: Optional[dict[str, Optional[str]]] = None) -> str:
+    srcs = srcs or sources(layout, role, vectors)
+    name = f"{role}{'' if vectors else '-novectors'}-{source_key(srcs)}"
     return storage.join(layout.root, "serve", "userstate", name)
 
 
@@ -244,18 +247,24 @@ def ensure(layout, role: str, vectors: bool = True, cache_dir: Optional[str] = N
     return UserState.open(storage.local_copy(uri, cache_dir))
 
 
-def ensure_published(run_dir: str, role: str, vectors: bool = True, cache_dir: Optional[str] = None) -> str:
+def ensure_published(run_dir: str, role: str, vectors: bool = True, cache_dir: Optional[str] = None,
+                     rationales_role: Optional[str] = None) -> str:
     """Build and publish the state when the run has none for its current sources; returns its
     URI. Plain arguments, so that it can run as a Ray task (``slim_ray.serve.app.start`` does,
-    before the replicas start)."""
+    before the replicas start). ``rationales_role``: read the rationale texts and their prefix_len
+    from that role's folder (a per-step ablation role such as ``student-step1`` has vectors of its
+    own but the rationales of ``student``)."""
     from slim_ray.layout import RunLayout
 
     layout = RunLayout(run_dir)
-    uri = state_uri(layout, role, vectors)
+    srcs = sources(layout, role, vectors)
+    if rationales_role is not None:
+        srcs["rationales"] = layout.rationales(rationales_role)
+    uri = state_uri(layout, role, vectors, srcs)
     if not is_published(uri):
         with _node_lock(storage.basename(uri), cache_dir):
             if not is_published(uri):
-                publish(uri, sources(layout, role, vectors))
+                publish(uri, srcs)
     return uri
 
 
