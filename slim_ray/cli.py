@@ -98,6 +98,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--markdown", default="BENCHMARKS.md", help="where to write the table ('' for none)")
     p.add_argument("--render-only", action="store_true",
                    help="only write the markdown (and plots) again from <out>/results.json")
+    p.add_argument("--also-out", action="append", default=[], metavar="FOLDER",
+                   help="append the results of another bench folder (another --set) to the markdown")
     p.add_argument("--real-engine", choices=["hf", "vllm"], help="also time a real engine at demo scale "
                    "(SmolLM2-135M, 16 MovieLens users) and extrapolate to the largest size")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -121,12 +123,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.render_only:
         from slim_ray.scale.harness import render
 
-        render(args.out, args.markdown or "BENCHMARKS.md")
+        render(args.out, args.markdown or "BENCHMARKS.md", tuple(args.also_out))
         return 0
     try:
         run_bench(sizes, args.out, stages, address=args.address, latency_ms=args.latency_ms, words=args.words,
                   kill_reason=args.kill_reason, extra_sets=[o for g in args.overrides for o in g],
-                  markdown=args.markdown or None, real=args.real_engine)
+                  markdown=args.markdown or None, real=args.real_engine, also_outs=tuple(args.also_out))
     except (RuntimeError, ConfigError) as e:  # a stage failed: its own log has the trace
         print(f"slim-ray: bench scale: {e}", file=sys.stderr)
         return 1

@@ -402,13 +402,14 @@ def machine_stamp() -> dict[str, Any]:
 def run_bench(sizes: list[int], out: str, stages: list[str], address: Optional[str] = None,
               latency_ms: float = 20.0, words: int = 48, kill_reason: bool = False,
               extra_sets: Optional[list[str]] = None, markdown: Optional[str] = None,
-              real: Optional[str] = None) -> dict[str, Any]:
+              real: Optional[str] = None, also_outs: tuple[str, ...] = ()) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     results_path = os.path.join(out, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {"sizes": {}}
     results["machine"] = machine_stamp()
     results["stand_in"] = {"latency_ms": latency_ms, "words": words, "note": STAND_IN_NOTE}
     results["address"] = address  # None: each stage started its own local Ray
+    results["sets"] = list(extra_sets or [])  # the --set overrides of the last invocation
     stand_in = StandInProcess(out, latency_ms, words)
     try:
         for n in sizes:
@@ -434,14 +435,18 @@ def run_bench(sizes: list[int], out: str, stages: list[str], address: Optional[s
         results["fleet"] = fleet_estimate(max(int(n) for n in results["sizes"]), results["real_engine"])
         json.dump(results, open(results_path, "w"), indent=1)
     if markdown:
-        render(out, markdown)
+        render(out, markdown, also_outs)
     return results
 
 
-def render(out: str, markdown: str) -> str:
-    """The markdown table of ``<out>/results.json``, with its plots in ``docs/img/scale/`` beside it."""
+def render(out: str, markdown: str, also_outs: tuple[str, ...] = ()) -> str:
+    """The markdown table of ``<out>/results.json``, with its plots in ``docs/img/scale/`` beside it;
+    the results of each of ``also_outs`` (other runs, e.g. with other ``--set`` overrides) follow as
+    sections of their own."""
     from slim_ray.scale.report import write_markdown
 
-    results = json.load(open(os.path.join(out, "results.json")))
+    def load(folder: str) -> dict[str, Any]:
+        return json.load(open(os.path.join(folder, "results.json")))
+
     plots = os.path.join(os.path.dirname(os.path.abspath(markdown)), "docs", "img", "scale")
-    return write_markdown(results, markdown, plots)
+    return write_markdown(load(out), markdown, plots, also=[load(o) for o in also_outs])
