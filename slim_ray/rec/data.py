@@ -285,7 +285,17 @@ def item_text_table(folder: str, n_items: int) -> np.ndarray:
 
 
 class MissingRationales(ValueError):
-    pass
+    @classmethod
+    def of(cls, folder: str, n_missing: int, n_users: int, first_ids: list[int]) -> "MissingRationales":
+        """The error of ``missing_rationale=error``, naming how many users lack a vector and the first ids."""
+        return cls(f"{folder}: {n_missing} of {n_users} users have no rationale vector, first user_ids "
+                   f"{list(first_ids)[:5]}; set rec.missing_rationale=learned (or zeros) to fall back for them")
+
+
+def cut_past_prefix(rationales: str, n_bad: int, first_ids: list[int]) -> ValueError:
+    """The error of rationales written past their users' training prefix (they read a held-out target)."""
+    return ValueError(f"{rationales}: {n_bad} users have a rationale written past their training prefix "
+                      f"(prefix_len > len(item_ids) - 2), first user_ids {list(first_ids)[:5]}")
 
 
 def user_text_table(folder: str, users: np.ndarray, n_users: int, policy: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -300,10 +310,7 @@ def user_text_table(folder: str, users: np.ndarray, n_users: int, policy: str) -
     has[ids[ok]] = True
     missing = [int(u) for u in users if not has[u]]
     if missing and policy == "error":
-        raise MissingRationales(
-            f"{folder}: {len(missing)} of {len(users)} users have no rationale vector, first user_ids "
-            f"{missing[:5]}; set rec.missing_rationale=learned (or zeros) to fall back for them"
-        )
+        raise MissingRationales.of(folder, len(missing), len(users), missing)
     return table, has, missing
 
 
@@ -336,8 +343,7 @@ def rationale_cuts(rationales: str, data: RecData) -> np.ndarray:
     train_len[data.user_ids] = [splits.training_length(len(s)) for s in data.seqs]
     bad = np.flatnonzero((cuts > train_len) & (train_len > 0))
     if len(bad):
-        raise ValueError(f"{rationales}: {len(bad)} users have a rationale written past their training prefix "
-                         f"(prefix_len > len(item_ids) - 2), first user_ids {bad[:5].tolist()}")
+        raise cut_past_prefix(rationales, len(bad), bad.tolist())
     return cuts
 
 

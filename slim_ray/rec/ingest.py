@@ -62,11 +62,9 @@ def prepare_state(run_root: str, spec: dict[str, Any], n_items: Optional[int]) -
     """Runs as a Ray task: build (or find) the run's user state, then count from it what the driver
     and the workers need. Raises naming the users when the inputs break the run's rules
     (``missing_rationale=error``; a rationale cut past a user's training prefix)."""
-    from slim_ray.data import splits
-    from slim_ray.rec.data import MissingRationales
-    from slim_ray.data import userstate
-
+    from slim_ray.data import splits, userstate
     from slim_ray.rec.config import base_role
+    from slim_ray.rec.data import MissingRationales, cut_past_prefix
 
     role = state_role(spec)
     # the cut of an ablation role's vector (student-step1) is its base role's rationale's prefix_len
@@ -89,17 +87,12 @@ def prepare_state(run_root: str, spec: dict[str, Any], n_items: Optional[int]) -
         missing = np.flatnonzero(trainable & ~np.asarray(st.has_vector))
         info["fallback"], info["fallback_ids"] = len(missing), st.user_ids[missing[:FIRST_IDS]].tolist()
         if len(missing) and spec["missing_rationale"] == "error":
-            raise MissingRationales(
-                f"{spec['user_embeddings']}: {len(missing)} of {info['users']} users have no rationale vector, "
-                f"first user_ids {info['fallback_ids'][:5]}; set rec.missing_rationale=learned (or zeros) "
-                "to fall back for them")
+            raise MissingRationales.of(spec["user_embeddings"], len(missing), info["users"], info["fallback_ids"])
         if spec.get("rationale_protocol") == "consistent":
             train_len = np.maximum(lens - splits.HELD_OUT, 0)  # splits.training_length, per user
             bad = np.flatnonzero(trainable & (np.asarray(st.rationale_prefix_len) > train_len))
             if len(bad):
-                raise ValueError(f"{spec['rationales']}: {len(bad)} users have a rationale written past their "
-                                 f"training prefix (prefix_len > len(item_ids) - 2), first user_ids "
-                                 f"{st.user_ids[bad[:5]].tolist()}")
+                raise cut_past_prefix(spec["rationales"], len(bad), st.user_ids[bad[:5]].tolist())
     if (spec["hp"].get("sampled_distribution") or "uniform") == "popularity":
         info["item_counts"] = training_item_counts(st, info["n_items"]).tolist()  # one entry per item
     return info
