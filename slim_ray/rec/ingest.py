@@ -141,14 +141,18 @@ def _state_rows(batch: dict[str, np.ndarray], uri: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def user_rows(info: dict[str, Any]):
-    """A Ray Dataset of the state's user rows: user_id, item_ids, cut, has_vector[, vector]."""
+def user_rows(info: dict[str, Any], readers: int):
+    """A Ray Dataset of the state's user rows: user_id, item_ids, cut, has_vector[, vector].
+
+    ``readers`` caps the map tasks running at once. They ask for no CPU (the Train workers hold
+    the CPUs; reading mapped rows is I/O, not compute), so without a cap Ray Data starts one task
+    per block at once: at 1M users that is 61 worker processes competing with training."""
     import ray
 
     ranges = [{"lo": a, "hi": min(a + ROWS_PER_BLOCK, info["rows"])} for a in range(0, info["rows"], ROWS_PER_BLOCK)]
-    # num_cpus=0: the Train workers hold the CPUs; reading mapped rows is I/O, not compute
     return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
-        _state_rows, fn_kwargs={"uri": info["state"]}, batch_size=1, batch_format="numpy", num_cpus=0)
+        _state_rows, fn_kwargs={"uri": info["state"]}, batch_size=1, batch_format="numpy", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=max(1, readers)))
 
 
 # ----------------------------------------------------------------------------- on a worker

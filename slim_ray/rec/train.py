@@ -718,7 +718,8 @@ def ingest_inputs(cfg, runs: list[tuple[dict[str, Any], str]]) -> dict[str, Any]
         info = ray.get(prepare.remote(storage.normalize(cfg.layout.root), spec, rd.count_items(spec["items"])))
         info["train"], info["valid"] = f"users-{i}", f"users-{i}-valid"
         # two Datasets of the same rows: each split feeds its own loop (training, validation)
-        datasets[info["train"]], datasets[info["valid"]] = user_rows(info), user_rows(info)
+        readers = cfg.rec.num_workers  # one map task per worker keeps ahead of its training steps
+        datasets[info["train"]], datasets[info["valid"]] = user_rows(info, readers), user_rows(info, readers)
         spec["_ingest"] = info
         logger.warning("[train] %s: %d users through Ray Data (%d without a rationale vector), user state %s",
                        spec["variant"], info["users"], info["fallback"], info["state"])
