@@ -283,7 +283,7 @@ class SizeRun:
                                 env=command_env({"RAY_object_spilling_directory": spill}))
         mon = TreeMonitor(proc.pid, spill_dir=spill)
         mon.start()
-        ready_s, latencies, errors = None, [], 0
+        ready_s, latencies, errors, replica = None, [], 0, {}
         try:
             for line in proc.stdout:
                 if "ready" in line:
@@ -298,6 +298,7 @@ class SizeRun:
                     r = c.post("/v1/recommend", json={"user_id": u, "k": 10})
                     latencies.append(time.time() - t)
                     errors += r.status_code >= 500
+                replica = c.get("/info").json().get("replica") or {}  # the recommender replica's own figures
             mon.sample()
         finally:
             proc.send_signal(signal.SIGINT)
@@ -311,6 +312,8 @@ class SizeRun:
         lat = sorted(latencies)
         return dict(rc=0, wall_s=round(time.time() - t0, 2), ready_s=round(ready_s, 2), rows=len(users),
                     rows_what="requests", server_errors=errors, p50_ms=round(1000 * lat[len(lat) // 2], 1),
+                    replica_rss_mib=replica.get("rss_mib"), replica_peak_rss_mib=replica.get("peak_rss_mib"),
+                    replica_pss_mib=replica.get("pss_mib"), replica_load_s=replica.get("load_s"),
                     **mon.figures())
 
     def kill_and_resume_reason(self) -> dict[str, Any]:

@@ -158,6 +158,25 @@ def training_ratio(results: dict[str, Any]) -> list[str]:
             f"{_fmt(b.get('worker_rss_mib'), ',.0f')} MiB."]
 
 
+def serving(results: dict[str, Any]) -> list[str]:
+    """The serve warm-up per size: time to ready and the recommender replica's own memory."""
+    rows = []
+    for n in _sizes(results):
+        v = results["sizes"][str(n)].get("serve")
+        if v and v.get("replica_rss_mib") is not None:
+            rows.append(f"| {n:,} | {v['ready_s']:.1f} | {_fmt(v.get('replica_load_s'), '.2f')} | "
+                        f"{v['replica_rss_mib']:,.0f} | {_fmt(v.get('replica_pss_mib'), ',.0f')} | "
+                        f"{_fmt(v.get('replica_peak_rss_mib'), ',.0f')} | {v['p50_ms']:.1f} |")
+    if not rows:
+        return []
+    return ["Serving (`slim-ray serve` until ready, then 20 known-user requests; the recommender replica's own "
+            "figures from `GET /info`, after the requests; the per-user state is memory-mapped, so its pages are "
+            "page cache, in RSS but shared by the node's replicas):", "",
+            "| users | ready s (Ray start included) | replica checkpoint + state load s | replica RSS MiB | "
+            "replica PSS MiB | replica peak RSS MiB | request p50 ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
 def kill_resume(results: dict[str, Any]) -> list[str]:
     out = []
     for n in _sizes(results):
@@ -192,7 +211,7 @@ def other_run(results: dict[str, Any]) -> list[str]:
     """A section for the results of another invocation (its own --set overrides)."""
     sets = " ".join(results.get("sets") or []) or "(none)"
     return [f"## Also measured: `--set {sets}`", "", f"{stages_measured(results)} {results['machine']['date']}.", "",
-            table(results), "", *checks(results), "", *training(results), ""]
+            table(results), "", *checks(results), "", *training(results), "", *serving(results), ""]
 
 
 def write_markdown(results: dict[str, Any], path: str, plot_folder: str, also: tuple = ()) -> str:
@@ -212,7 +231,7 @@ def write_markdown(results: dict[str, Any], path: str, plot_folder: str, also: t
         "Each stage is its own `slim-ray <stage>` process with a local Ray (its start, ~10–20 s, is in the wall "
         "time); memory is sampled every 0.5 s: the driver's RSS, and the summed PSS of the driver and every Ray "
         "process it started.", "",
-        table(results), "", *checks(results), "", *training(results), "", *kill_resume(results), "", *real_engine_lines(results), "",
+        table(results), "", *checks(results), "", *training(results), "", *serving(results), "", *kill_resume(results), "", *real_engine_lines(results), "",
         *[f"![{os.path.basename(p)}]({p})" for p in rel], "",
         *[line for other in also for line in other_run(other)],
     ])

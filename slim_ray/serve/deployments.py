@@ -172,6 +172,22 @@ class EncoderDeployment:
         return {"ready": True, "detail": self._probe()}
 
 
+def replica_figures(load_s: Optional[float]) -> dict:
+    """This replica's memory and its checkpoint load time (``GET /info``; bench scale reads it)."""
+    import resource
+
+    import psutil
+
+    mem = psutil.Process().memory_full_info()
+    mib = 2 ** 20
+    return {"id": serve.get_replica_context().replica_id.unique_id,
+            "load_s": None if load_s is None else round(load_s, 3),
+            "rss_mib": round(mem.rss / mib, 1), "uss_mib": round(mem.uss / mib, 1),
+            "pss_mib": round(getattr(mem, "pss", mem.rss) / mib, 1),
+            # ru_maxrss (KiB on Linux) is updated lazily: never below the RSS just read
+            "peak_rss_mib": round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, mem.rss) / mib, 1)}
+
+
 @serve.deployment
 class RecommenderDeployment:
     """Catalogue + scorer of one run (``recommender.Recommender``), batched; the checkpoint comes
@@ -192,6 +208,7 @@ class RecommenderDeployment:
         self.answer.set_max_batch_size(max_batch_size)
         self.answer.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.n_batches = self.n_requests = self.max_batch = 0
+        self.load_s: Optional[float] = None  # the last checkpoint load (model, catalogue, user state)
 
     async def reconfigure(self, config: dict) -> None:
         """Swap to another checkpoint (a run name or folder): loaded off the event loop while the
@@ -202,16 +219,19 @@ class RecommenderDeployment:
         checkpoint = (config or {}).get("checkpoint")
         if self.rec is not None and checkpoint == self.checkpoint:
             return
+        t0 = time.monotonic()
         rec = await asyncio.to_thread(Recommender, self.cfg, checkpoint)
         await asyncio.to_thread(rec.probe)
-        self.rec, self.checkpoint = rec, checkpoint
+        self.rec, self.checkpoint, self.load_s = rec, checkpoint, time.monotonic() - t0
         logger.info("recommender now serves %s", rec.version)
 
     def _ready(self):
         from slim_ray.serve.recommender import Recommender
 
         if self.rec is None:
+            t0 = time.monotonic()
             self.rec = Recommender(self.cfg, self.checkpoint)
+            self.load_s = time.monotonic() - t0
         return self.rec
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # the real values: set in __init__
@@ -233,7 +253,7 @@ class RecommenderDeployment:
         meta = getattr(rec.scorer, "meta", None) or {}
         return {"scorer": rec.scorer.name, "items": len(rec.catalog.titles),
                 "users": len(rec.catalog.users), "user_state": rec.catalog.users.folder,
-                "uses_rationales": rec.uses_rationales,
+                "uses_rationales": rec.uses_rationales, "replica": replica_figures(self.load_s),
                 **{k: meta[k] for k in ("backbone", "variant", "seed", "best_valid_ndcg@10") if k in meta}}
 
     def check_health(self) -> None:

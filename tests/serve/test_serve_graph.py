@@ -97,6 +97,10 @@ def test_known_users_in_one_recommender_call_with_their_stored_rationale(server,
 
     info = client.get("/info").json()
     assert info["users"] == len(HISTORIES) and info["user_state"] == state_uri(cfg.layout, *user_state_spec(cfg))
+    # the replica's own figures: a torch process holds well over 100 MiB; its load was timed
+    rep = info["replica"]
+    assert rep["id"] and 100 < rep["rss_mib"] <= rep["peak_rss_mib"] and 0 < rep["uss_mib"] <= rep["rss_mib"]
+    assert rep["load_s"] is not None and 0 < rep["load_s"] < 600
 
     before = _stats(cfg, "RecommenderDeployment")["requests"]
     r = client.post("/v1/recommend", json={"user_id": 1, "k": 5, "explain": True})
