@@ -55,8 +55,12 @@ def deepspeed_config(
     if offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if zero_stage == 3:
-        # Gather a parameter on use rather than keep a prefetch window: the model is small.
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+        # Gather a parameter on use rather than keep a prefetch window, and release it after: with
+        # DeepSpeed's defaults (1e9 live parameters) a model under 1B parameters stays gathered
+        # whole on every worker after its first forward, which is what ZeRO-3 is chosen to avoid.
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0,
+                    stage3_max_live_parameters=int(1e8), stage3_max_reuse_distance=int(1e8),
+                    reduce_bucket_size=int(5e7))
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -129,6 +133,10 @@ class Strategy(ABC):
     @abstractmethod
     def _load_state(self, directory: str) -> dict[str, Any]:
         """Restore model, optimizer and scheduler; returns the client state."""
+
+    def loading(self, partitioned: bool):
+        """A context to build the model in (``DeepSpeedStrategy`` partitions it under ZeRO-3)."""
+        return nullcontext()
 
     # ------------------------------------------------------------------ compute
 
@@ -221,16 +229,33 @@ class DeepSpeedStrategy(Strategy):
         self.offload_optimizer = offload_optimizer
         self.offload_params = offload_params
 
-    def setup(self, model, optimizer, scheduler):
-        import deepspeed
-
-        cfg = deepspeed_config(
+    def _config(self) -> dict[str, Any]:
+        return deepspeed_config(
             zero_stage=self.zero_stage, batch_size=self.batch_size, grad_accum=self.grad_accum,
             world_size=self.world_size, grad_clip=self.grad_clip,
             offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
         )
+
+    def loading(self, partitioned: bool):
+        """Under ZeRO-3 with ``partitioned``: a Hugging Face model built inside this context loads
+        straight into partitions (``zero.Init`` through ``HfDeepSpeedConfig``), so no worker ever
+        holds the whole model. That is what lets a full fine-tune too big for one worker start."""
+        if not (partitioned and self.zero_stage == 3):
+            return nullcontext()
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else "nccl",
+                                   auto_mpi_discovery=False)  # wraps Ray Train's process group
+        # transformers reads it through a weak reference: the strategy keeps it for the whole run
+        self._hf_deepspeed_config = HfDeepSpeedConfig(self._config())
+        return nullcontext()
+
+    def setup(self, model, optimizer, scheduler):
+        import deepspeed
+
         engine, opt, _, sched = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._config(),
             dist_init_required=False,
         )
         self.model, self.optimizer, self.scheduler = engine, opt, sched

@@ -87,7 +87,8 @@ def build_model(base_path: str, d):
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model.config.use_cache = False
     if d.method == "full":
-        return model, sum(p.numel() for p in model.parameters())
+        # a ZeRO-3 partitioned parameter reports numel() 0; ds_numel is its full size
+        return model, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     from peft import get_peft_model
 
     expected = expected_lora_params(model, d.lora_target_modules, d.lora_r)
@@ -201,9 +202,9 @@ def _setup(config: dict[str, Any], d, use_gpu: bool) -> _Worker:
     base_path = resolve_llm(config["base_model"], config.get("cache_dir"))
     seed = int(config["seed"])
     seed_everything(seed)  # identical LoRA init on every rank
-    model, n_trainable = build_model(base_path, d)
-
     strategy = make_strategy(d, bf16=bool(config["bf16"]), use_gpu=use_gpu)
+    with strategy.loading(partitioned=d.method == "full"):
+        model, n_trainable = build_model(base_path, d)
     steps = total_steps(len(data["train"]), d, strategy.world_size)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=d.lr, weight_decay=d.weight_decay
