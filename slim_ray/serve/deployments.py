@@ -214,24 +214,25 @@ class RecommenderDeployment:
         """Swap to another checkpoint (a run name or folder): loaded off the event loop while the
         old one keeps answering, then switched in one assignment; a batch in flight finishes on
         the model it started with."""
-        from slim_ray.serve.recommender import Recommender
-
         checkpoint = (config or {}).get("checkpoint")
         if self.rec is not None and checkpoint == self.checkpoint:
             return
-        t0 = time.monotonic()
-        rec = await asyncio.to_thread(Recommender, self.cfg, checkpoint)
+        rec, load_s = await asyncio.to_thread(self._load, checkpoint)
         await asyncio.to_thread(rec.probe)
-        self.rec, self.checkpoint, self.load_s = rec, checkpoint, time.monotonic() - t0
+        self.rec, self.checkpoint, self.load_s = rec, checkpoint, load_s
         logger.info("recommender now serves %s", rec.version)
 
-    def _ready(self):
+    def _load(self, checkpoint: Optional[str]):
+        """(Recommender of ``checkpoint``, the seconds its load took: model, catalogue, user state)."""
         from slim_ray.serve.recommender import Recommender
 
+        t0 = time.monotonic()
+        rec = Recommender(self.cfg, checkpoint)
+        return rec, time.monotonic() - t0
+
+    def _ready(self):
         if self.rec is None:
-            t0 = time.monotonic()
-            self.rec = Recommender(self.cfg, self.checkpoint)
-            self.load_s = time.monotonic() - t0
+            self.rec, self.load_s = self._load(self.checkpoint)
         return self.rec
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # the real values: set in __init__
