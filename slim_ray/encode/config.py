@@ -20,6 +20,11 @@ class EncodeConfig(StageConfig):
     num_actors: int = Field(
         1, ge=1, description="Size of the Ray Data actor pool; each actor holds one encoder copy."
     )
+    actor_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long encoding waits for every encoder actor to load its model "
+        "before it starts (so the work spreads over the whole pool); a pool the cluster cannot place "
+        "in this time fails the stage with Ray Data's 'Timed out while starting actors'.",
+    )
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor.")
     num_gpus_per_actor: Optional[float] = Field(
         None,

@@ -133,7 +133,7 @@ def _folder_digest(path: str) -> str:
 class EncoderActor:
     """Ray Data callable class: pyarrow batch with a ``text`` column -> the same batch without
     ``text``, plus ``vector`` (fixed_size_list<float32>), ``encode_s`` (each row's share of the
-    encoder time) and ``node_id`` (the Ray node the actor runs on, for the stage summary)."""
+    encoder time), ``node_id`` and ``actor_id`` (where it ran, for the stage summary)."""
 
     def __init__(self, path: str, batch_size: int, dtype: str, normalize: bool, device: str,
                  max_seq_length: Optional[int]):
@@ -144,6 +144,7 @@ class EncoderActor:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.actor_id = ray.get_runtime_context().get_actor_id()
 
     def __call__(self, batch: Any):
         import pyarrow as pa
@@ -155,5 +156,6 @@ class EncoderActor:
         # each row's share of the batch's encoder time: their sum is the pure encode time
         share = pa.array([(time.perf_counter() - t0) / max(1, len(vecs))] * len(vecs), pa.float64())
         node = pa.array([self.node_id] * len(vecs), pa.string())
+        actor = pa.array([self.actor_id] * len(vecs), pa.string())
         return (batch.drop_columns(["text"]).append_column("vector", vector).append_column("encode_s", share)
-                .append_column("node_id", node))
+                .append_column("node_id", node).append_column("actor_id", actor))

@@ -196,12 +196,21 @@ def write_parts(batch: pa.Table, targets: list[tuple[str, str]], model_id: str) 
         out_dir, kind = targets[i]
         store.write_part(_contract_table(part, kind, model_id), out_dir)
         actor_nodes = sorted(set(part.column("node_id").to_pylist()))
+        per_actor = part.group_by("actor_id").aggregate([("actor_id", "count")])
         rows.append({"target": i, "rows": part.num_rows, "dim": part.schema.field("vector").type.list_size,
                      "encoder_s": float(pc.sum(part.column("encode_s")).as_py() or 0.0),
-                     "node_ids": sorted(set(actor_nodes + [node]))})
+                     "node_ids": sorted(set(actor_nodes + [node])),
+                     "actor_ids": per_actor.column("actor_id").to_pylist(),
+                     "actor_rows": per_actor.column("actor_id_count").to_pylist()})
     return pa.Table.from_pylist(rows, schema=pa.schema([
         ("target", pa.int32()), ("rows", pa.int64()), ("dim", pa.int32()), ("encoder_s", pa.float64()),
-        ("node_ids", pa.list_(pa.string()))]))
+        ("node_ids", pa.list_(pa.string())), ("actor_ids", pa.list_(pa.string())),
+        ("actor_rows", pa.list_(pa.int64()))]))
+
+
+def rows_per_actor_batch(ecfg) -> int:
+    """Rows of one Ray Data batch sent to an encoder actor (several forward passes)."""
+    return ecfg.batch_size * ecfg.forward_passes_per_batch
 
 
 def encode_with_ray(inputs, kept_refs: dict, targets: list[tuple[str, str]], spec: EncoderSpec, cfg) -> dict[str, Any]:
@@ -215,7 +224,8 @@ def encode_with_ray(inputs, kept_refs: dict, targets: list[tuple[str, str]], spe
     gpus = ecfg.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    ds = inputs.map_batches(_drop_reused, batch_format="pyarrow", batch_size=READ_BATCH_ROWS,
+    # per block (batch_size=None): fused into the actor task, it must not bundle blocks together
+    ds = inputs.map_batches(_drop_reused, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"kept_refs": kept_refs})
     ds = ds.map_batches(
         EncoderActor,
@@ -225,17 +235,24 @@ def encode_with_ray(inputs, kept_refs: dict, targets: list[tuple[str, str]], spe
         ),
         # a Ray Data batch holds several forward passes: the encoder sorts it by length, so a
         # forward pass holds texts of similar length (less padding)
-        batch_size=ecfg.batch_size * ecfg.forward_passes_per_batch,
+        batch_size=rows_per_actor_batch(ecfg),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
         num_cpus=ecfg.num_cpus_per_actor,
         num_gpus=gpus,
     )
+    # the writer asks for no CPU: the encoder actors may hold every CPU, and a writer waiting for
+    # one would leave their output in the object store; one writer at a time bounds its processes
     ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=ecfg.rows_per_file,
-                        fn_kwargs={"targets": targets, "model_id": spec.model_id})
+                        fn_kwargs={"targets": targets, "model_id": spec.model_id},
+                        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=1))
+    # dispatch only once every encoder actor has loaded its model: the first one ready would
+    # otherwise queue the first blocks while the others load (a small job then runs on one actor)
+    ds.context.wait_for_min_actors_s = ecfg.actor_start_timeout_s
     t0 = time.perf_counter()
     stats = {i: {"encoded": 0, "parts_written": 0, "encoder_s": 0.0} for i in range(len(targets))}
     nodes: set[str] = set()
+    rows_per_actor: dict[str, int] = {}
     dim = None
     for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for r in b.to_pylist():
@@ -245,6 +262,8 @@ def encode_with_ray(inputs, kept_refs: dict, targets: list[tuple[str, str]], spe
             st["encoder_s"] += r["encoder_s"]
             dim = r["dim"]
             nodes.update(r["node_ids"])
+            for actor, n in zip(r["actor_ids"], r["actor_rows"]):
+                rows_per_actor[actor] = rows_per_actor.get(actor, 0) + n
     wall = time.perf_counter() - t0
     n = sum(st["encoded"] for st in stats.values())
     encoder_s = sum(st["encoder_s"] for st in stats.values())
@@ -257,6 +276,8 @@ def encode_with_ray(inputs, kept_refs: dict, targets: list[tuple[str, str]], spe
         "encoder_s": round(encoder_s, 2),
         "encoder_rows_per_s": round(n / encoder_s, 1) if encoder_s > 0 else None,
         "num_actors": ecfg.num_actors, "num_gpus_per_actor": gpus, "batch_size": ecfg.batch_size,
+        # rows each encoder actor encoded (actor id -> rows): an idle actor shows as missing
+        "rows_per_actor": dict(sorted(rows_per_actor.items())),
         "rows_per_file": ecfg.rows_per_file,
     }
     return {"job": job, "targets": stats, "node_ids": sorted(nodes)}
@@ -287,6 +308,9 @@ def _gather_inputs(cfg, spec: EncoderSpec, summary: dict) -> tuple[Any, list[tup
                                     fn_kwargs={"spec": spec, "target": len(outputs)}))
         outputs.append((name, out, kind))
     inputs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # one block per actor batch: an actor task takes whole blocks, so a block of 200k rows would
+    # keep one actor busy while the rest of the pool idles
+    inputs = inputs.repartition(target_num_rows_per_block=rows_per_actor_batch(ecfg))
     return inputs.materialize(), outputs
 
 

@@ -49,7 +49,8 @@ def _rationale(user_id: int, text, prefix_len: int, key: str, error=None) -> dic
 
 @pytest.fixture()
 def run_cfg(tmp_path):
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "encode.batch_size=2", "encode.rows_per_file=3"])
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "encode.batch_size=2", "encode.rows_per_file=3",
+                             "encode.num_actors=2", "encode.forward_passes_per_batch=1"])
     lay = cfg.layout
     os.makedirs(lay.items)
     pq.write_table(_items_table(ITEM_TEXTS), os.path.join(lay.items, "part-0.parquet"))
@@ -93,6 +94,9 @@ def test_run_encode_contract_resume_and_dedup(ray_session, run_cfg):
     assert not os.path.exists(lay.user_embeddings("student"))
     assert res["encoder"] == "sentence-transformers/all-MiniLM-L6-v2" and res["dtype"] == "bfloat16"
     assert res["job"]["rows"] == 7 and res["job"]["dim"] == 384  # items + rationales: one actor pool
+    # blocks of one actor batch (2 rows), dispatched once both actors are loaded: both do work
+    per_actor = res["job"]["rows_per_actor"]
+    assert len(per_actor) == 2 and min(per_actor.values()) >= 1 and sum(per_actor.values()) == 7, per_actor
     import ray
 
     assert res["node_ids"] == [ray.get_runtime_context().get_node_id()]  # one local node did the work
