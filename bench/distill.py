@@ -4,6 +4,8 @@ A packaged student (SmolLM2-135M-Instruct by default; ``--model qwen2.5-coder-0.
 the 0.63B-parameter Qwen) on the same (student prompt -> teacher rationale) pairs, 2 Ray Train
 workers (1 CPU each), the same number of optimizer steps and the same global batch everywhere;
 plus the single-process Hugging Face ``Trainer`` (all CPUs, same global batch) as the reference.
+Setup ``ddp-1worker`` (one DDP worker, half the global batch) gives DDP's per-worker memory when
+two DDP workers do not fit the machine together.
 Printed side by side in one run:
 
 - tokens/s: non-padding tokens trained per second of the loop, after the first step (steady
@@ -87,13 +89,16 @@ def bench_data(run_dir: str, model: str, max_length: int, n: int, seed: int = 0)
 
 SETUPS = {
     "ddp": {"strategy": "ddp"},
+    # DDP keeps a whole replica per worker, so one worker alone needs what each of two needs: its
+    # peak is DDP's per-worker figure when two DDP workers do not fit the machine together.
+    "ddp-1worker": {"strategy": "ddp", "num_workers": 1},
     "zero2": {"zero_stage": 2},
     "zero3": {"zero_stage": 3},
     "zero3-offload": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
 }
 
 
-def ray_run(name: str, overrides: dict, data, pad_id: int, steps: int, storage: str) -> dict:
+def ray_run(name: str, overrides: dict, data, pad_id: int, steps: int, storage: str, batch_size: int = 2) -> dict:
     """One setup; a setup that fails (out of memory) returns its error and the memory it reached."""
     import ray
 
@@ -101,8 +106,8 @@ def ray_run(name: str, overrides: dict, data, pad_id: int, steps: int, storage: 
     from slim_ray.distill.train import build_trainer
     from slim_ray.scale.monitor import TreeMonitor
 
-    d = DistillConfig(num_workers=2, batch_size=2, grad_accum=1, max_steps=steps, checkpoint_every=10**6,
-                      max_failures=0, **overrides)
+    d = DistillConfig(**{"num_workers": 2, **overrides}, batch_size=batch_size, grad_accum=1, max_steps=steps,
+                      checkpoint_every=10**6, max_failures=0)
     t0 = time.time()
     mon = TreeMonitor(os.getpid(), every=0.5)
     mon.start()
@@ -211,6 +216,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the single-process HF Trainer reference")
     p.add_argument("--hf-threads", type=int, default=2, help="torch threads of the HF Trainer process "
                    "(default 2 = the CPUs the 2 Ray workers get together)")
+    p.add_argument("--batch-size", type=int, default=2, help="micro-batch per Ray Train worker (the HF "
+                   "Trainer reference keeps batch 4, so compare its tokens/s at the default only)")
+    p.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                   help="glibc MALLOC_MMAP_THRESHOLD_ of the Ray processes in bytes (0: glibc's own, "
+                   "dynamic). Fixed at 1 MiB, every large tensor is its own mapping, returned on free: "
+                   "with the dynamic threshold a 0.63B full fine-tune's freed buffers stayed in the "
+                   "heap and each worker's RSS kept growing")
     p.add_argument("--hf-child", choices=["lora", "full"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--payload", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -226,7 +238,8 @@ def main(argv=None) -> int:
         p.error(f"unknown setups {unknown}; choose from {sorted(SETUPS)}")
     data, tok, source = bench_data(a.run_dir, a.model, a.max_length, a.samples)
     print(f"model {a.model}; data: {len(data.train)} pairs ({source}), {data.stats['train_tokens']} tokens, "
-          f"max_length {a.max_length}; {a.steps} steps x global batch 4", flush=True)
+          f"max_length {a.max_length}; {a.steps} steps x batch {a.batch_size} per worker; "
+          f"MALLOC_MMAP_THRESHOLD_ {a.mmap_threshold or 'glibc default'}", flush=True)
     import ray
 
     storage = tempfile.mkdtemp(prefix="bench_distill_")
@@ -238,14 +251,16 @@ def main(argv=None) -> int:
             print(f"-- {method} {name}", flush=True)
             # A fresh local Ray per setup: one that ran out of memory leaves nothing behind for the
             # next (its placement group, dying workers), and each starts from the same baseline.
-            init_ray(RayConfig(num_cpus=2))
+            env = {"MALLOC_MMAP_THRESHOLD_": str(a.mmap_threshold)} if a.mmap_threshold else {}
+            init_ray(RayConfig(num_cpus=2, env_vars=env))
             try:
                 m = ray_run(f"{method}-{name}", {"method": method, "base_model": a.model, **SETUPS[name]}, data,
-                            tok.pad_token_id, a.steps, storage)
+                            tok.pad_token_id, a.steps, storage, a.batch_size)
             finally:
                 ray.shutdown()
             print(json.dumps({"method": method, "setup": name, **m}), flush=True)
-            rows.append((method, f"{name} (2 workers)", m))
+            workers = SETUPS[name].get("num_workers", 2)
+            rows.append((method, f"{name} ({workers} worker{'s' if workers > 1 else ''})", m))
         if not a.no_hf:
             print(f"-- {method} HF Trainer", flush=True)
             rows.append((method, f"HF Trainer (1 process, {a.hf_threads} threads)",

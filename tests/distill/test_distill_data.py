@@ -121,4 +121,8 @@ def test_config_and_deepspeed_config():
                           offload_optimizer=True)
     assert ds["train_batch_size"] == 16 and ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    # ZeRO-3 steps Adam one 5e7-element sub-group at a time: its temporaries stay small
+    assert ds["zero_optimization"]["sub_group_size"] == 50_000_000
+    assert "sub_group_size" not in deepspeed_config(zero_stage=2, batch_size=2, grad_accum=1, world_size=2,
+                                                    grad_clip=1.0)["zero_optimization"]
     assert ds["bf16"] == {"enabled": False} and ds["zero_allow_untested_optimizer"]
