@@ -17,8 +17,9 @@ Printed side by side in one run:
   when the machine's memory runs out, and the row says so).
 
     .venv/bin/python bench/distill.py [--run-dir runs/shared-ml100k] [--steps 8] [--only lora]
-    .venv/bin/python bench/distill.py --model qwen2.5-coder-0.5b-instruct --only full \
-        --setups ddp,zero2,zero3,zero3-offload --steps 3 --samples 16 --no-hf
+    .venv/bin/python bench/distill.py --run-dir runs/effect --model qwen2.5-coder-0.5b-instruct --only full \
+        --setups zero3,zero2,ddp-1worker,ddp,zero3-offload --steps 3 --samples 32 --max-length 256 \
+        --batch-size 1 --no-hf
 
 Data: the run's teacher rationales when present, else rationale-shaped text built from the real
 MovieLens-100K histories of the prepared run (``slim-ray prepare`` output).
